@@ -1,0 +1,203 @@
+"""Bare Envoy (native route rewrite + header swap) against Envoy with the
+filter, in one run: same small chat request, same upstream, over loopback.
+
+The Envoy under test runs one worker pinned to CPU 0; wrk and the upstream
+(an Envoy answering with a fixed Azure-shaped body) share CPU 1. Rounds
+alternate between the two set-ups so drift on this shared machine hits both.
+Reported: requests/s (median of rounds) and Envoy CPU time per request
+(from /proc, user + system, all threads), and filter/bare ratios.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+
+from harness import Envoy, bootstrap, cluster, sha256_hex, wasm_filter  # noqa: E402
+
+CALLER_KEY = "sk-bench-caller-key"
+UPSTREAM_KEY = "bench-upstream-key"
+AZURE_PATH = "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"
+AZURE_HOST = "acme-west.openai.azure.com"
+REPLY = json.dumps({
+    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-2024-08-06",
+    "choices": [{"index": 0, "finish_reason": "stop",
+                 "message": {"role": "assistant", "content": "Hello there, how are you?"}}],
+    "usage": {"prompt_tokens": 14, "completion_tokens": 7, "total_tokens": 21}})
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def listener(name, routes, http_filters=()):
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                         "http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": name,
+                "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
+                                                    "routes": routes}]},
+                "http_filters": list(http_filters) + [{
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters."
+                                              "http.router.v3.Router"}}],
+            }}]}],
+    }
+
+
+def admin():
+    return {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}
+
+
+def upstream_config():
+    route = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {
+        "inline_string": REPLY}},
+        "response_headers_to_add": [{"header": {"key": "content-type",
+                                                "value": "application/json"}}]}
+    # The buffer filter reads the whole request before the direct response;
+    # answering earlier would make Envoy close every connection.
+    buffer = {"name": "envoy.filters.http.buffer", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+        "max_request_bytes": 1048576}}
+    return {"static_resources": {"listeners": [listener("upstream", [route], [buffer])]},
+            "admin": admin()}
+
+
+def bare_config(upstream_port):
+    """What Envoy does natively: fixed rewrite to one deployment, key swap."""
+    route = {
+        "match": {"path": "/v1/chat/completions"},
+        "route": {
+            "cluster": "azure_west", "timeout": "0s",
+            "regex_rewrite": {"pattern": {"regex": "^.*$"}, "substitution": AZURE_PATH},
+            "host_rewrite_literal": AZURE_HOST,
+        },
+        "request_headers_to_remove": ["authorization"],
+        "request_headers_to_add": [{"header": {"key": "api-key", "value": UPSTREAM_KEY},
+                                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+    }
+    return {"static_resources": {"listeners": [listener("gateway", [route])],
+                                 "clusters": [cluster("azure_west", upstream_port)]},
+            "admin": admin()}
+
+
+def filter_config(upstream_port):
+    config = {
+        "upstreams": {"west": {"endpoint": f"https://{AZURE_HOST}", "cluster": "azure_west",
+                               "auth": {"api_key": {"env": "BENCH_UPSTREAM_KEY"}}}},
+        "models": {"gpt-4o": {"upstream": "west", "deployment": "gpt4o-prod"}},
+        "callers": [{"name": f"caller-{i}", "key_sha256": sha256_hex(f"{CALLER_KEY}-{i}"),
+                     "models": ["gpt-4o"]} for i in range(9)]
+                   + [{"name": "bench", "key_sha256": sha256_hex(CALLER_KEY), "models": ["gpt-4o"]}],
+    }
+    return bootstrap([wasm_filter(config, env_values={"BENCH_UPSTREAM_KEY": UPSTREAM_KEY})],
+                     [cluster("azure_west", upstream_port)])
+
+
+def start(config, cpus, concurrency):
+    envoy = Envoy(config, concurrency=concurrency, log_level="warn", component_log_level=None)
+    envoy.args = ["taskset", "-c", cpus] + envoy.args
+    return envoy.start()
+
+
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def wrk(url, seconds, connections):
+    env = {**os.environ, "BENCH_KEY": CALLER_KEY}
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}",
+                          f"-d{seconds}s", "-s", str(ROOT / "bench" / "post.lua"), url],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise SystemExit(f"wrk saw errors against {url}:\n{out}")
+    return requests, out
+
+
+def measure(envoy, seconds, connections):
+    before = cpu_seconds(envoy.process.pid)
+    started = time.monotonic()
+    requests, _ = wrk(envoy.url + "/v1/chat/completions", seconds, connections)
+    elapsed = time.monotonic() - started
+    cpu = cpu_seconds(envoy.process.pid) - before
+    return {"rps": requests / elapsed, "cpu_us_per_request": cpu / requests * 1e6,
+            "requests": requests}
+
+
+def check(envoy):
+    response = httpx.post(envoy.url + "/v1/chat/completions", timeout=10,
+                          headers={"authorization": f"Bearer {CALLER_KEY}"},
+                          json={"model": "gpt-4o", "messages": []})
+    assert response.status_code == 200 and response.json()["id"] == "chatcmpl-1", response.text
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    args = parser.parse_args()
+
+    upstream = start(upstream_config(), "1", 1)
+    setups = {}
+    try:
+        setups["bare"] = start(bare_config(upstream.port), "0", 1)
+        setups["filter"] = start(filter_config(upstream.port), "0", 1)
+        for envoy in setups.values():
+            check(envoy)
+            wrk(envoy.url + "/v1/chat/completions", 2, args.connections)  # warm-up
+        rounds = {name: [] for name in setups}
+        for r in range(args.rounds):
+            for name, envoy in setups.items():
+                result = measure(envoy, args.seconds, args.connections)
+                rounds[name].append(result)
+                print(f"round {r + 1} {name:6}: {result['rps']:9.0f} req/s "
+                      f"{result['cpu_us_per_request']:6.1f} us CPU/request", flush=True)
+    finally:
+        for envoy in [upstream, *setups.values()]:
+            envoy.cleanup()
+
+    summary = {}
+    for name, results in rounds.items():
+        summary[name] = {
+            "rps": statistics.median(r["rps"] for r in results),
+            "cpu_us_per_request": sum(r["cpu_us_per_request"] * r["requests"] for r in results)
+            / sum(r["requests"] for r in results),
+        }
+    throughput_ratio = summary["filter"]["rps"] / summary["bare"]["rps"]
+    cpu_ratio = summary["filter"]["cpu_us_per_request"] / summary["bare"]["cpu_us_per_request"]
+    wasm = ROOT / "target" / "azure_openai_filter.wasm"
+    report = {"rounds": rounds, "summary": summary, "throughput_ratio": throughput_ratio,
+              "cpu_per_request_ratio": cpu_ratio, "module_bytes": wasm.stat().st_size,
+              "settings": vars(args)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+
+    print()
+    print("| set-up | requests/s (median) | Envoy CPU per request |")
+    print("|---|---|---|")
+    for name in ("bare", "filter"):
+        s = summary[name]
+        print(f"| {name} | {s['rps']:.0f} | {s['cpu_us_per_request']:.1f} us |")
+    print(f"\nthroughput ratio filter/bare: {throughput_ratio:.3f} (target >= 0.85)")
+    print(f"CPU per request ratio filter/bare: {cpu_ratio:.3f}")
+    print(f"module: {report['module_bytes']} bytes")
+
+
+if __name__ == "__main__":
+    main()

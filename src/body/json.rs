@@ -1,0 +1,259 @@
+//! The top-level `model` of a JSON body, found in one validating pass that
+//! skips every other value without allocating it.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::ops::Range;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::errors::ApiError;
+
+/// The `model` member of a request body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ModelField<'a> {
+    /// The alias, unescaped.
+    pub value: Cow<'a, str>,
+    /// Where the JSON string literal (quotes included) sits in the body, for
+    /// callers that rewrite it.
+    pub span: Range<usize>,
+}
+
+/// Validates `body` as a JSON object and returns its single top-level
+/// string `model`. Keys are compared after unescaping, and a second `model`
+/// key is refused: the upstream might read the other one.
+pub fn find_model(body: &[u8]) -> Result<ModelField<'_>, ApiError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(match serde_json::from_slice::<IgnoredAny>(body) {
+            Err(e) => ApiError::invalid_json(&e.to_string()),
+            Ok(_) => ApiError::body_not_object(),
+        });
+    }
+    let members: TopLevel<'_> =
+        serde_json::from_slice(body).map_err(|e| ApiError::invalid_json(&e.to_string()))?;
+    if members.models > 1 {
+        return Err(ApiError::duplicate_model());
+    }
+    let raw = members.model.ok_or_else(ApiError::missing_model)?.get();
+    let start = (raw.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
+    let span = start..start.wrapping_add(raw.len());
+    if body.get(span.clone()) != Some(raw.as_bytes()) {
+        // RawValue borrows from `body`; anything else would be a serde_json change.
+        return Err(ApiError::internal("could not locate the model in the body"));
+    }
+    let value = match raw.as_bytes().first() {
+        Some(b'"') => string_value(raw)?,
+        Some(b'{') => return Err(ApiError::model_not_string("an object")),
+        Some(b'[') => return Err(ApiError::model_not_string("an array")),
+        Some(b't' | b'f') => return Err(ApiError::model_not_string("a boolean")),
+        Some(b'n') => return Err(ApiError::model_not_string("null")),
+        _ => return Err(ApiError::model_not_string("a number")),
+    };
+    Ok(ModelField { value, span })
+}
+
+fn string_value(literal: &str) -> Result<Cow<'_, str>, ApiError> {
+    let inner = literal
+        .get(1..literal.len().saturating_sub(1))
+        .unwrap_or_default();
+    if !inner.contains('\\') {
+        return Ok(Cow::Borrowed(inner));
+    }
+    serde_json::from_str::<String>(literal)
+        .map(Cow::Owned)
+        .map_err(|e| ApiError::invalid_json(&e.to_string()))
+}
+
+/// What the one pass over the top-level object keeps.
+struct TopLevel<'a> {
+    model: Option<&'a RawValue>,
+    models: usize,
+}
+
+impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(TopLevelVisitor)
+    }
+}
+
+struct TopLevelVisitor;
+
+impl<'de> Visitor<'de> for TopLevelVisitor {
+    type Value = TopLevel<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = TopLevel {
+            model: None,
+            models: 0,
+        };
+        while let Some(is_model) = map.next_key_seed(IsModelKey)? {
+            if is_model {
+                found.model = Some(map.next_value::<&'de RawValue>()?);
+                found.models += 1;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// A map key, reduced to "is it `model`?" without allocating it.
+struct IsModelKey;
+
+impl<'de> DeserializeSeed<'de> for IsModelKey {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for IsModelKey {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<bool, E> {
+        Ok(key == "model")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(body: &str) -> String {
+        find_model(body.as_bytes()).unwrap().value.into_owned()
+    }
+
+    fn code(body: &[u8]) -> &'static str {
+        let error = find_model(body).unwrap_err();
+        assert_eq!(error.status, 400);
+        error.code
+    }
+
+    #[test]
+    fn finds_model_anywhere_at_top_level() {
+        assert_eq!(model(r#"{"model":"gpt-4o","messages":[]}"#), "gpt-4o");
+        assert_eq!(
+            model(
+                r#"{"messages":[{"role":"user","content":"{\"model\":\"x\"}"}],"model":"gpt-4o"}"#
+            ),
+            "gpt-4o"
+        );
+        assert_eq!(model(" \n{ \"model\" : \"m\" } \n"), "m");
+    }
+
+    #[test]
+    fn nested_model_keys_are_not_the_model() {
+        let body = r#"{"tools":[{"model":"nested"}],"metadata":{"model":"x"},"model":"top"}"#;
+        assert_eq!(model(body), "top");
+        assert_eq!(
+            code(br#"{"metadata":{"model":"x"}}"#),
+            "missing_required_parameter"
+        );
+    }
+
+    #[test]
+    fn span_points_at_the_literal() {
+        let body = r#"{"messages":[],"model": "gpt-4o" }"#;
+        let field = find_model(body.as_bytes()).unwrap();
+        assert_eq!(&body[field.span.clone()], "\"gpt-4o\"");
+    }
+
+    #[test]
+    fn escaped_keys_and_values_are_unescaped() {
+        assert_eq!(model(r#"{"mod\u0065l":"gpt-4o"}"#), "gpt-4o");
+        assert_eq!(model(r#"{"model":"gpt\u002d4o"}"#), "gpt-4o");
+        assert_eq!(model(r#"{"model":"a\"b"}"#), "a\"b");
+    }
+
+    #[test]
+    fn duplicate_model_is_refused_even_when_escaped() {
+        assert_eq!(code(br#"{"model":"a","model":"b"}"#), "invalid_json");
+        assert_eq!(
+            find_model(br#"{"model":"a","mod\u0065l":"b"}"#)
+                .unwrap_err()
+                .message,
+            ApiError::duplicate_model().message
+        );
+    }
+
+    #[test]
+    fn malformed_json() {
+        for body in [
+            &b""[..],
+            b"{",
+            b"{\"model\":\"a\"",
+            b"{\"model\":\"a\",}",
+            b"{\"model\":\"a\"} x",
+            b"{model:\"a\"}",
+            b"{\"model\":\"a\"}{}",
+            b"\xff",
+        ] {
+            assert_eq!(code(body), "invalid_json", "{body:?}");
+        }
+        let error = find_model(b"{\"model\": }").unwrap_err();
+        assert!(error.message.contains("line 1 column"), "{}", error.message);
+    }
+
+    #[test]
+    fn non_object_bodies() {
+        for body in [&b"[]"[..], b"\"model\"", b"42", b"null", b" true "] {
+            let error = find_model(body).unwrap_err();
+            assert_eq!(
+                error.message,
+                ApiError::body_not_object().message,
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_model() {
+        assert_eq!(code(b"{}"), "missing_required_parameter");
+        assert_eq!(code(br#"{"messages":[]}"#), "missing_required_parameter");
+    }
+
+    #[test]
+    fn non_string_model() {
+        for (body, found) in [
+            (r#"{"model":1}"#, "a number"),
+            (r#"{"model":-1.5}"#, "a number"),
+            (r#"{"model":null}"#, "null"),
+            (r#"{"model":true}"#, "a boolean"),
+            (r#"{"model":["a"]}"#, "an array"),
+            (r#"{"model":{"a":1}}"#, "an object"),
+        ] {
+            let error = find_model(body.as_bytes()).unwrap_err();
+            assert_eq!(error.code, "invalid_type");
+            assert!(error.message.contains(found), "{body}: {}", error.message);
+        }
+    }
+
+    #[test]
+    fn deep_nesting_does_not_overflow_the_stack() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let body = format!(r#"{{"a":{deep},"model":"m"}}"#);
+        assert_eq!(model(&body), "m");
+        let body = format!(r#"{{"model":{deep}}}"#);
+        assert_eq!(code(body.as_bytes()), "invalid_type");
+    }
+
+    #[test]
+    fn large_bodies() {
+        let content = "x".repeat(1 << 20);
+        let body =
+            format!(r#"{{"messages":[{{"role":"user","content":"{content}"}}],"model":"gpt-4o"}}"#);
+        assert_eq!(model(&body), "gpt-4o");
+    }
+}

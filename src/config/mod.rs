@@ -1,0 +1,522 @@
+//! The filter's configuration: parsed once at load, validated, then frozen
+//! into the structure every request reads. Each refusal names the JSON path
+//! of the offending field and says what to change.
+
+mod endpoint;
+mod raw;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+pub use endpoint::{parse_endpoint, Endpoint, Scheme};
+use raw::{RawAuth, RawCaller, RawConfig, RawModel, RawSecret, RawUpstream};
+
+use crate::secret::Secret;
+
+pub const DEFAULT_API_VERSION: &str = "2024-10-21";
+pub const DEFAULT_CLUSTER_HEADER: &str = "x-azure-openai-cluster";
+/// 32 MiB: above OpenAI's 25 MB upload limit, with room for multipart framing.
+pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 32 * 1024 * 1024;
+const MAX_REQUEST_BODY_BYTES_CEILING: u64 = 256 * 1024 * 1024;
+
+/// Headers the filter itself reads or writes; none may serve as the routing header.
+const RESERVED_HEADERS: &[&str] = &[
+    "authorization",
+    "api-key",
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+];
+
+/// A configuration refused at load: where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn error(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+/// The validated configuration shared by every request.
+#[derive(Debug)]
+pub struct Config {
+    pub cluster_header: String,
+    pub max_request_body_bytes: usize,
+    pub upstreams: Vec<Upstream>,
+    pub models: Vec<Model>,
+    pub callers: Vec<Caller>,
+    model_index: BTreeMap<String, usize>,
+}
+
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    pub endpoint: Endpoint,
+    /// `:authority` for requests to this upstream (derived from the endpoint).
+    pub authority: String,
+    pub cluster: String,
+    pub api_version: String,
+    pub auth: UpstreamAuth,
+}
+
+#[derive(Debug)]
+pub enum UpstreamAuth {
+    ApiKey(Secret),
+}
+
+#[derive(Debug)]
+pub struct Model {
+    pub alias: String,
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+    pub deployment: String,
+}
+
+#[derive(Debug)]
+pub struct Caller {
+    pub name: String,
+    pub key_sha256: [u8; 32],
+    pub access: ModelAccess,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ModelAccess {
+    Any,
+    /// Sorted indices into `Config::models`.
+    Only(Vec<usize>),
+}
+
+impl Caller {
+    pub fn may_use(&self, model: usize) -> bool {
+        match &self.access {
+            ModelAccess::Any => true,
+            ModelAccess::Only(allowed) => allowed.binary_search(&model).is_ok(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates the plugin configuration. `env` looks up the
+    /// environment variables Envoy hands the VM (`std::env::var` in the filter).
+    pub fn from_json(
+        json: &[u8],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        if json.iter().all(u8::is_ascii_whitespace) {
+            return Err(error(
+                "configuration",
+                "is empty; the filter needs its JSON configuration (a google.protobuf.StringValue)",
+            ));
+        }
+        if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(error("configuration", "must be a JSON object"));
+        }
+        let mut deserializer = serde_json::Deserializer::from_slice(json);
+        let raw: RawConfig = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." || path == "?" {
+                "configuration".to_string()
+            } else {
+                path
+            };
+            error(path, e.into_inner().to_string())
+        })?;
+        deserializer
+            .end()
+            .map_err(|e| error("configuration", e.to_string()))?;
+        validate(raw, env)
+    }
+
+    /// The model with this alias, and its index.
+    pub fn model(&self, alias: &str) -> Option<(usize, &Model)> {
+        let index = *self.model_index.get(alias)?;
+        self.models.get(index).map(|model| (index, model))
+    }
+
+    pub fn upstream(&self, index: usize) -> Option<&Upstream> {
+        self.upstreams.get(index)
+    }
+
+    pub fn caller(&self, index: usize) -> Option<&Caller> {
+        self.callers.get(index)
+    }
+}
+
+fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    let default_api_version = match raw.api_version {
+        Some(version) => check_api_version("api_version", version)?,
+        None => DEFAULT_API_VERSION.to_string(),
+    };
+    let cluster_header = match raw.cluster_header {
+        Some(name) => check_cluster_header(name)?,
+        None => DEFAULT_CLUSTER_HEADER.to_string(),
+    };
+    let max_request_body_bytes = match raw.max_request_body_bytes {
+        None => DEFAULT_MAX_REQUEST_BODY_BYTES,
+        Some(0) => return Err(error("max_request_body_bytes", "must be greater than 0")),
+        Some(n) if n > MAX_REQUEST_BODY_BYTES_CEILING => {
+            return Err(error(
+                "max_request_body_bytes",
+                format!("{n} is above the ceiling of {MAX_REQUEST_BODY_BYTES_CEILING} bytes"),
+            ))
+        }
+        Some(n) => usize::try_from(n).map_err(|_| error("max_request_body_bytes", "too large"))?,
+    };
+
+    if raw.upstreams.0.is_empty() {
+        return Err(error("upstreams", "must name at least one upstream"));
+    }
+    let mut upstreams = Vec::with_capacity(raw.upstreams.0.len());
+    for (name, upstream) in raw.upstreams.0 {
+        upstreams.push(validate_upstream(
+            name,
+            upstream,
+            &default_api_version,
+            env,
+        )?);
+    }
+
+    if raw.models.0.is_empty() {
+        return Err(error(
+            "models",
+            "must map at least one model alias to a deployment",
+        ));
+    }
+    let mut models = Vec::with_capacity(raw.models.0.len());
+    let mut model_index = BTreeMap::new();
+    for (alias, model) in raw.models.0 {
+        let model = validate_model(alias, model, &upstreams)?;
+        model_index.insert(model.alias.clone(), models.len());
+        models.push(model);
+    }
+
+    if raw.callers.is_empty() {
+        return Err(error(
+            "callers",
+            "must list at least one caller; without callers every request is refused",
+        ));
+    }
+    let mut callers: Vec<Caller> = Vec::with_capacity(raw.callers.len());
+    for (i, caller) in raw.callers.into_iter().enumerate() {
+        let caller = validate_caller(i, caller, &model_index)?;
+        if let Some((j, other)) = callers
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.name == caller.name)
+        {
+            return Err(error(
+                format!("callers[{i}].name"),
+                format!("duplicate caller name `{}` (also callers[{j}])", other.name),
+            ));
+        }
+        if let Some((j, other)) = callers
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.key_sha256 == caller.key_sha256)
+        {
+            return Err(error(
+                format!("callers[{i}].key_sha256"),
+                format!(
+                    "same key hash as callers[{j}] (`{}`); every caller needs its own key",
+                    other.name
+                ),
+            ));
+        }
+        callers.push(caller);
+    }
+
+    Ok(Config {
+        cluster_header,
+        max_request_body_bytes,
+        upstreams,
+        models,
+        callers,
+        model_index,
+    })
+}
+
+fn validate_upstream(
+    name: String,
+    raw: RawUpstream,
+    default_api_version: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Upstream, ConfigError> {
+    let path = format!("upstreams.{name}");
+    if name.is_empty() {
+        return Err(error("upstreams", "an upstream name must not be empty"));
+    }
+    let endpoint = parse_endpoint(&raw.endpoint)
+        .map_err(|message| error(format!("{path}.endpoint"), message))?;
+    if raw.cluster.is_empty() || !raw.cluster.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(error(
+            format!("{path}.cluster"),
+            "must be the name of an Envoy cluster (printable ASCII, no spaces)",
+        ));
+    }
+    let api_version = match raw.api_version {
+        Some(version) => check_api_version(&format!("{path}.api_version"), version)?,
+        None => default_api_version.to_string(),
+    };
+    let auth = match raw.auth {
+        RawAuth::ApiKey(secret) => UpstreamAuth::ApiKey(resolve_secret(
+            &format!("{path}.auth.api_key"),
+            secret,
+            env,
+        )?),
+    };
+    Ok(Upstream {
+        name,
+        authority: endpoint.authority(),
+        endpoint,
+        cluster: raw.cluster,
+        api_version,
+        auth,
+    })
+}
+
+fn validate_model(
+    alias: String,
+    raw: RawModel,
+    upstreams: &[Upstream],
+) -> Result<Model, ConfigError> {
+    let path = format!("models.{alias}");
+    if alias.is_empty() || alias != alias.trim() || alias.chars().any(char::is_control) {
+        return Err(error(
+            path,
+            "a model alias must be non-empty, without surrounding spaces or control characters",
+        ));
+    }
+    if alias == "*" {
+        return Err(error(
+            path,
+            "`*` is reserved for caller allowlists meaning every model",
+        ));
+    }
+    let upstream = upstreams
+        .iter()
+        .position(|u| u.name == raw.upstream)
+        .ok_or_else(|| {
+            error(
+                format!("{path}.upstream"),
+                format!(
+                    "unknown upstream `{}`; known upstreams: {}",
+                    raw.upstream,
+                    join(upstreams.iter().map(|u| u.name.as_str()))
+                ),
+            )
+        })?;
+    check_deployment(&format!("{path}.deployment"), &raw.deployment)?;
+    Ok(Model {
+        alias,
+        upstream,
+        deployment: raw.deployment,
+    })
+}
+
+fn validate_caller(
+    i: usize,
+    raw: RawCaller,
+    model_index: &BTreeMap<String, usize>,
+) -> Result<Caller, ConfigError> {
+    let path = format!("callers[{i}]");
+    if raw.name.trim().is_empty() || raw.name.chars().any(char::is_control) {
+        return Err(error(
+            format!("{path}.name"),
+            "must be a non-empty name without control characters",
+        ));
+    }
+    let key_sha256 =
+        parse_sha256_hex(&raw.key_sha256).map_err(|m| error(format!("{path}.key_sha256"), m))?;
+
+    if raw.models.is_empty() {
+        return Err(error(
+            format!("{path}.models"),
+            "must list at least one model alias, or \"*\" for every model",
+        ));
+    }
+    let mut allowed = Vec::with_capacity(raw.models.len());
+    for (j, alias) in raw.models.iter().enumerate() {
+        let item = format!("{path}.models[{j}]");
+        if alias == "*" {
+            if raw.models.len() > 1 {
+                return Err(error(
+                    item,
+                    "\"*\" already allows every model; it must be the only entry",
+                ));
+            }
+            return Ok(Caller {
+                name: raw.name,
+                key_sha256,
+                access: ModelAccess::Any,
+            });
+        }
+        let index = *model_index.get(alias).ok_or_else(|| {
+            error(
+                item.clone(),
+                format!(
+                    "unknown model alias `{alias}`; known aliases: {}",
+                    join(model_index.keys().map(String::as_str))
+                ),
+            )
+        })?;
+        if allowed.contains(&index) {
+            return Err(error(item, format!("`{alias}` is listed twice")));
+        }
+        allowed.push(index);
+    }
+    allowed.sort_unstable();
+    Ok(Caller {
+        name: raw.name,
+        key_sha256,
+        access: ModelAccess::Only(allowed),
+    })
+}
+
+fn resolve_secret(
+    path: &str,
+    raw: RawSecret,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Secret, ConfigError> {
+    let (value, path) = match raw {
+        RawSecret::Env(name) => {
+            let path = format!("{path}.env");
+            if name.is_empty() {
+                return Err(error(path, "must name an environment variable"));
+            }
+            match env(&name) {
+                Some(value) if !value.is_empty() => (value, path),
+                Some(_) => return Err(error(path, format!("environment variable `{name}` is empty"))),
+                None => {
+                    return Err(error(
+                        path,
+                        format!(
+                            "environment variable `{name}` is not visible to the filter; set it in \
+                             Envoy's environment and list it in vm_config.environment_variables.host_env_keys"
+                        ),
+                    ))
+                }
+            }
+        }
+        RawSecret::Value(value) => {
+            let path = format!("{path}.value");
+            if value.is_empty() {
+                return Err(error(path, "must not be empty"));
+            }
+            (value, path)
+        }
+    };
+    // The secret ends up in a header: refuse what a header cannot carry,
+    // without echoing the value.
+    if !value.bytes().all(|b| b.is_ascii_graphic() || b == b' ') || value.trim() != value {
+        return Err(error(
+            path,
+            "the secret contains characters a header cannot carry (control characters, \
+             non-ASCII, or surrounding spaces)",
+        ));
+    }
+    Ok(Secret::new(value))
+}
+
+/// `YYYY-MM-DD` or `YYYY-MM-DD-preview`.
+fn check_api_version(path: &str, version: String) -> Result<String, ConfigError> {
+    let date = version.strip_suffix("-preview").unwrap_or(&version);
+    let shape_ok = date.len() == 10
+        && date.bytes().enumerate().all(|(i, b)| match i {
+            4 | 7 => b == b'-',
+            _ => b.is_ascii_digit(),
+        });
+    if !shape_ok {
+        return Err(error(
+            path,
+            format!(
+                "`{version}` is not an Azure OpenAI api-version (YYYY-MM-DD or YYYY-MM-DD-preview)"
+            ),
+        ));
+    }
+    Ok(version)
+}
+
+fn check_cluster_header(name: String) -> Result<String, ConfigError> {
+    let name = name.to_ascii_lowercase();
+    let token = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !token {
+        return Err(error(
+            "cluster_header",
+            format!("`{name}` is not a valid header name"),
+        ));
+    }
+    if RESERVED_HEADERS.contains(&name.as_str()) {
+        return Err(error(
+            "cluster_header",
+            format!("`{name}` is a header the filter reads or rewrites; choose another name"),
+        ));
+    }
+    Ok(name)
+}
+
+/// Deployment names go into the URL path: letters, digits, `-`, `_`, `.`.
+fn check_deployment(path: &str, deployment: &str) -> Result<(), ConfigError> {
+    if deployment.is_empty() {
+        return Err(error(path, "must not be empty"));
+    }
+    let valid = deployment
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && deployment != "."
+        && deployment != "..";
+    if !valid {
+        return Err(error(
+            path,
+            format!("`{deployment}` is not a deployment name (letters, digits, `-`, `_`, `.`)"),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_sha256_hex(text: &str) -> Result<[u8; 32], String> {
+    let hint = "must be the SHA-256 of the caller key as 64 lowercase hex digits \
+                (for example: printf %s \"$KEY\" | sha256sum)";
+    if text.len() != 64 {
+        return Err(format!("{hint}; got {} characters", text.len()));
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(text.as_bytes().chunks_exact(2)) {
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        match pair {
+            [hi, lo] => match (digit(*hi), digit(*lo)) {
+                (Some(hi), Some(lo)) => *byte = hi << 4 | lo,
+                _ => return Err(format!("{hint}; found a character outside 0-9a-f")),
+            },
+            _ => return Err(hint.to_string()),
+        }
+    }
+    Ok(out)
+}
+
+fn join<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    names.collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests;

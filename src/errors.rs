@@ -1,0 +1,313 @@
+//! Every rejection the filter answers itself, as OpenAI error JSON.
+//!
+//! The official SDKs choose their exception from the status code
+//! (400 BadRequestError, 401 AuthenticationError, 404 NotFoundError, ...)
+//! and show `error.message`, so the message says what to change.
+
+use serde::Serialize;
+
+/// An error answered by the gateway: status, OpenAI error body, extra headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub kind: &'static str,
+    pub code: &'static str,
+    pub param: Option<&'static str>,
+    pub message: String,
+    /// Headers beside `content-type` (for example `allow` on a 405).
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// Longest piece of caller input echoed back in a message.
+const ECHO_LIMIT: usize = 256;
+
+const INVALID_REQUEST: &str = "invalid_request_error";
+
+impl ApiError {
+    fn new(status: u16, kind: &'static str, code: &'static str, message: String) -> Self {
+        ApiError {
+            status,
+            kind,
+            code,
+            param: None,
+            message,
+            headers: Vec::new(),
+        }
+    }
+
+    fn with_param(mut self, param: &'static str) -> Self {
+        self.param = Some(param);
+        self
+    }
+
+    pub fn missing_api_key() -> Self {
+        Self::new(
+            401,
+            INVALID_REQUEST,
+            "missing_api_key",
+            "You didn't provide an API key. Send your gateway key as `Authorization: Bearer <key>` \
+             or as an `api-key` header."
+                .into(),
+        )
+    }
+
+    pub fn malformed_authorization() -> Self {
+        Self::new(
+            401,
+            INVALID_REQUEST,
+            "invalid_api_key",
+            "The Authorization header must be `Bearer <key>` with your gateway key.".into(),
+        )
+    }
+
+    pub fn repeated_api_key() -> Self {
+        Self::new(
+            401,
+            INVALID_REQUEST,
+            "invalid_api_key",
+            "The api-key header was sent more than once; send your gateway key once.".into(),
+        )
+    }
+
+    pub fn invalid_api_key() -> Self {
+        Self::new(
+            401,
+            INVALID_REQUEST,
+            "invalid_api_key",
+            "Incorrect API key provided. Use a key issued for this gateway.".into(),
+        )
+    }
+
+    /// Unknown alias and alias outside the caller's allowlist get this same
+    /// answer, so a caller cannot probe which aliases exist.
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(
+            404,
+            INVALID_REQUEST,
+            "model_not_found",
+            format!(
+                "The model `{}` does not exist or you do not have access to it.",
+                echo(model)
+            ),
+        )
+        .with_param("model")
+    }
+
+    pub fn unknown_url(method: &[u8], path: &[u8]) -> Self {
+        Self::new(
+            404,
+            INVALID_REQUEST,
+            "unknown_url",
+            format!("Invalid URL ({} {}).", echo_bytes(method), echo_bytes(path)),
+        )
+    }
+
+    pub fn method_not_allowed(method: &[u8], path: &str, allowed: &'static str) -> Self {
+        let mut error = Self::new(
+            405,
+            INVALID_REQUEST,
+            "method_not_allowed",
+            format!(
+                "Method {} is not allowed on {}; use {}.",
+                echo_bytes(method),
+                path,
+                allowed
+            ),
+        );
+        error.headers.push(("allow", allowed.to_string()));
+        error
+    }
+
+    pub fn body_too_large(limit: usize) -> Self {
+        Self::new(
+            413,
+            INVALID_REQUEST,
+            "request_too_large",
+            format!("The request body is larger than this gateway's limit of {limit} bytes."),
+        )
+    }
+
+    pub fn invalid_json(detail: &str) -> Self {
+        Self::new(
+            400,
+            INVALID_REQUEST,
+            "invalid_json",
+            format!(
+                "We could not parse the JSON body of your request ({}). \
+                 The body must be a JSON object.",
+                echo(detail)
+            ),
+        )
+    }
+
+    pub fn body_not_object() -> Self {
+        Self::new(
+            400,
+            INVALID_REQUEST,
+            "invalid_json",
+            "The request body must be a JSON object.".into(),
+        )
+    }
+
+    pub fn missing_model() -> Self {
+        Self::new(
+            400,
+            INVALID_REQUEST,
+            "missing_required_parameter",
+            "You must provide a model parameter.".into(),
+        )
+        .with_param("model")
+    }
+
+    pub fn model_not_string(found: &str) -> Self {
+        Self::new(
+            400,
+            INVALID_REQUEST,
+            "invalid_type",
+            format!("Invalid type for 'model': expected a string, but got {found} instead."),
+        )
+        .with_param("model")
+    }
+
+    pub fn duplicate_model() -> Self {
+        Self::new(
+            400,
+            INVALID_REQUEST,
+            "invalid_json",
+            "The request body has more than one 'model' field; send exactly one.".into(),
+        )
+        .with_param("model")
+    }
+
+    /// The gateway itself failed (a host call it relies on did not work).
+    pub fn internal(what: &str) -> Self {
+        Self::new(
+            500,
+            "server_error",
+            "gateway_error",
+            format!("The gateway could not process the request: {what}."),
+        )
+    }
+
+    /// The JSON body: `{"error":{"message","type","param","code"}}`.
+    pub fn body(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Envelope<'a> {
+            error: Body<'a>,
+        }
+        #[derive(Serialize)]
+        struct Body<'a> {
+            message: &'a str,
+            #[serde(rename = "type")]
+            kind: &'a str,
+            param: Option<&'a str>,
+            code: &'a str,
+        }
+        let envelope = Envelope {
+            error: Body {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param,
+                code: self.code,
+            },
+        };
+        // Serializing plain strings into a Vec cannot fail; the fallback keeps
+        // this path panic-free all the same.
+        serde_json::to_vec(&envelope).unwrap_or_else(|_| {
+            br#"{"error":{"message":"gateway error","type":"server_error","param":null,"code":"gateway_error"}}"#
+                .to_vec()
+        })
+    }
+}
+
+/// Caller input shown in a message: cut to a bounded length.
+fn echo(text: &str) -> &str {
+    if text.len() <= ECHO_LIMIT {
+        return text;
+    }
+    let mut end = ECHO_LIMIT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.get(..end).unwrap_or("")
+}
+
+fn echo_bytes(bytes: &[u8]) -> String {
+    let cut = bytes.get(..ECHO_LIMIT).unwrap_or(bytes);
+    String::from_utf8_lossy(cut).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn parsed(error: &ApiError) -> Value {
+        serde_json::from_slice(&error.body()).unwrap()
+    }
+
+    #[test]
+    fn body_has_the_openai_shape() {
+        let error = ApiError::model_not_found("gpt-4o");
+        assert_eq!(error.status, 404);
+        assert_eq!(
+            parsed(&error),
+            json!({"error": {
+                "message": "The model `gpt-4o` does not exist or you do not have access to it.",
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": "model_not_found"
+            }})
+        );
+    }
+
+    #[test]
+    fn param_is_null_when_not_about_a_parameter() {
+        let body = parsed(&ApiError::invalid_api_key());
+        assert_eq!(body["error"]["param"], Value::Null);
+        assert_eq!(body["error"]["code"], "invalid_api_key");
+    }
+
+    #[test]
+    fn caller_input_is_escaped_and_bounded() {
+        let model = format!("\"}}{}", "x".repeat(1000));
+        let body = parsed(&ApiError::model_not_found(&model));
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with("The model `\"}xxx"));
+        assert!(message.len() < 400);
+    }
+
+    #[test]
+    fn echo_cuts_on_a_char_boundary() {
+        let text = "é".repeat(200); // 400 bytes
+        let cut = echo(&text);
+        assert!(cut.len() <= ECHO_LIMIT);
+        assert!(cut.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn non_utf8_path_is_shown_lossily() {
+        let error = ApiError::unknown_url(b"POST", b"/v1/\xff");
+        assert_eq!(error.message, "Invalid URL (POST /v1/\u{fffd}).");
+    }
+
+    #[test]
+    fn method_not_allowed_carries_allow_header() {
+        let error = ApiError::method_not_allowed(b"GET", "/v1/embeddings", "POST");
+        assert_eq!(error.status, 405);
+        assert_eq!(error.headers, vec![("allow", "POST".to_string())]);
+    }
+
+    #[test]
+    fn statuses_match_the_sdk_exception_classes() {
+        assert_eq!(ApiError::missing_api_key().status, 401);
+        assert_eq!(ApiError::malformed_authorization().status, 401);
+        assert_eq!(ApiError::invalid_json("x").status, 400);
+        assert_eq!(ApiError::body_not_object().status, 400);
+        assert_eq!(ApiError::missing_model().status, 400);
+        assert_eq!(ApiError::model_not_string("a number").status, 400);
+        assert_eq!(ApiError::duplicate_model().status, 400);
+        assert_eq!(ApiError::body_too_large(10).status, 413);
+        assert_eq!(ApiError::internal("x").status, 500);
+    }
+}

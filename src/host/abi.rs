@@ -1,0 +1,160 @@
+//! The few proxy-wasm host calls made on the request path, bound directly so
+//! that every host status comes back as a value. (The SDK's wrappers panic on
+//! a status they do not expect, and a panic kills the worker's VM.)
+
+use std::ptr::{null, null_mut};
+
+use crate::headers::{self, Header};
+
+/// A host status other than Ok (1 NotFound, 2 BadArgument, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status(pub u32);
+
+const OK: u32 = 0;
+const NOT_FOUND: u32 = 1;
+
+#[derive(Debug, Clone, Copy)]
+#[repr(u32)]
+pub enum HeaderMap {
+    Request = 0,
+}
+
+#[derive(Debug, Clone, Copy)]
+#[repr(u32)]
+pub enum Buffer {
+    RequestBody = 0,
+    PluginConfiguration = 7,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u32)]
+pub enum LogLevel {
+    Trace = 0,
+    Debug = 1,
+    Info = 2,
+    Warn = 3,
+    Error = 4,
+    Critical = 5,
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_get_log_level(return_level: *mut u32) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+    fn proxy_set_header_map_pairs(map_type: u32, map_data: *const u8, map_size: usize) -> u32;
+    fn proxy_get_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        max_size: usize,
+        return_buffer_data: *mut *mut u8,
+        return_buffer_size: *mut usize,
+    ) -> u32;
+    fn proxy_send_local_response(
+        status_code: u32,
+        status_code_details_data: *const u8,
+        status_code_details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
+}
+
+fn check(status: u32) -> Result<(), Status> {
+    if status == OK {
+        Ok(())
+    } else {
+        Err(Status(status))
+    }
+}
+
+/// Takes ownership of a buffer the host allocated through the module's
+/// `proxy_on_memory_allocate` (a boxed slice of exactly `size` bytes).
+///
+/// # Safety
+/// `data` must be null or come from the host with length `size`.
+unsafe fn take_host_buffer(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: the SDK's allocator hands the host a boxed slice of `size`
+    // bytes, which the host filled and returned to us.
+    unsafe { Vec::from_raw_parts(data, size, size) }
+}
+
+pub fn log(level: LogLevel, message: &str) {
+    // SAFETY: pointer and length describe a live string.
+    // A failed log call has nowhere to be reported; it is dropped.
+    let _ = unsafe { proxy_log(level as u32, message.as_ptr(), message.len()) };
+}
+
+pub fn log_level() -> LogLevel {
+    let mut level = LogLevel::Info as u32;
+    // SAFETY: the host writes one u32 through the pointer.
+    let status = unsafe { proxy_get_log_level(&mut level) };
+    match (status, level) {
+        (OK, 0) => LogLevel::Trace,
+        (OK, 1) => LogLevel::Debug,
+        (OK, 3) => LogLevel::Warn,
+        (OK, 4) => LogLevel::Error,
+        (OK, 5) => LogLevel::Critical,
+        _ => LogLevel::Info,
+    }
+}
+
+/// The whole header map, encoded (see `crate::headers`): one host call.
+pub fn get_headers(map: HeaderMap) -> Result<Vec<u8>, Status> {
+    let mut data = null_mut();
+    let mut size = 0;
+    // SAFETY: the host writes a buffer pointer and its length.
+    let status = unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) };
+    match status {
+        // SAFETY: on Ok the host returned a buffer it allocated in our memory.
+        OK => Ok(unsafe { take_host_buffer(data, size) }),
+        other => Err(Status(other)),
+    }
+}
+
+/// Replaces the whole header map (encoded, see `crate::headers`): one host call.
+pub fn set_headers(map: HeaderMap, encoded: &[u8]) -> Result<(), Status> {
+    // SAFETY: the slice is live for the call.
+    check(unsafe { proxy_set_header_map_pairs(map as u32, encoded.as_ptr(), encoded.len()) })
+}
+
+/// Up to `max` bytes of a buffer from `start`.
+pub fn get_buffer(buffer: Buffer, start: usize, max: usize) -> Result<Vec<u8>, Status> {
+    let mut data = null_mut();
+    let mut size = 0;
+    // SAFETY: the host writes a buffer pointer and its length.
+    let status = unsafe { proxy_get_buffer_bytes(buffer as u32, start, max, &mut data, &mut size) };
+    match status {
+        // SAFETY: on Ok the host returned a buffer it allocated in our memory.
+        OK => Ok(unsafe { take_host_buffer(data, size) }),
+        NOT_FOUND => Ok(Vec::new()),
+        other => Err(Status(other)),
+    }
+}
+
+/// Answers the request from the filter; nothing goes upstream.
+pub fn send_local_response(status: u16, headers: &[Header<'_>], body: &[u8]) -> Result<(), Status> {
+    let headers = headers::encode(headers);
+    // SAFETY: every pointer/length pair describes a live slice.
+    check(unsafe {
+        proxy_send_local_response(
+            u32::from(status),
+            null(),
+            0,
+            body.as_ptr(),
+            body.len(),
+            headers.as_ptr(),
+            headers.len(),
+            -1,
+        )
+    })
+}

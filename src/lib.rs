@@ -1,0 +1,18 @@
+//! azure-openai-filter: a proxy-wasm HTTP filter that turns Envoy into an
+//! Azure OpenAI gateway.
+//!
+//! The decisions live in plain modules with no proxy-wasm import, tested on
+//! the native target. `host` (built only for wasm32) is the thin layer that
+//! reads from Envoy, asks those modules, and applies the answer.
+
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod errors;
+pub mod gateway;
+pub mod headers;
+pub mod routes;
+pub mod secret;
+
+#[cfg(target_arch = "wasm32")]
+mod host;

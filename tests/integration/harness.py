@@ -1,0 +1,333 @@
+"""Real parts for integration tests: an Envoy running the built .wasm, and
+upstream stand-ins that record exactly what they received.
+
+Everything binds 127.0.0.1 port 0; Envoy reports its ports through the admin
+API, and every process is stopped by the fixture that started it.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+WASM = ROOT / "target" / "azure_openai_filter.wasm"
+ENVOY = Path(sys.prefix) / "bin" / "envoy"
+
+
+def sha256_hex(text):
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- upstreams
+
+@dataclass
+class Received:
+    """One request as the upstream saw it."""
+    method: str
+    path: str
+    headers: list  # [(lower-case name, value)] in arrival order
+    body: bytes
+
+    def header(self, name):
+        values = self.all(name)
+        return values[0] if values else None
+
+    def all(self, name):
+        return [v for n, v in self.headers if n == name.lower()]
+
+
+@dataclass
+class Reply:
+    """What an upstream answers: status, headers, and a body that is either
+    bytes or a list of chunks sent `chunk_delay` seconds apart."""
+    status: int = 200
+    headers: dict = field(default_factory=dict)
+    body: object = b""
+    chunk_delay: float = 0.0
+
+
+def azure_chat_reply(request):
+    body = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+            "model": "gpt-4o-2024-08-06",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "hi"}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    return Reply(200, {"content-type": "application/json"}, json.dumps(body).encode())
+
+
+class RecordingUpstream:
+    """An HTTP/1.1 server that records every request and answers with
+    `self.responder(request) -> Reply` (Azure-shaped chat JSON by default)."""
+
+    def __init__(self, name="upstream"):
+        self.name = name
+        self.received = []
+        self.responder = azure_chat_reply
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def handle_one(self):
+                length = self.headers.get("content-length")
+                if length is not None:
+                    body = self.rfile.read(int(length))
+                elif "chunked" in (self.headers.get("transfer-encoding") or ""):
+                    body = read_chunked(self.rfile)
+                else:
+                    body = b""
+                request = Received(self.command, self.path,
+                                   [(k.lower(), v) for k, v in self.headers.items()], body)
+                with outer._lock:
+                    outer.received.append(request)
+                reply = outer.responder(request)
+                self.send(reply)
+
+            def send(self, reply):
+                self.send_response(reply.status)
+                for name, value in reply.headers.items():
+                    for one in value if isinstance(value, list) else [value]:
+                        self.send_header(name, one)
+                if isinstance(reply.body, (bytes, bytearray)):
+                    self.send_header("content-length", str(len(reply.body)))
+                    self.end_headers()
+                    self.wfile.write(reply.body)
+                    return
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                for chunk in reply.body:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+                    time.sleep(reply.chunk_delay)
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+
+            do_GET = do_POST = do_PUT = do_DELETE = handle_one
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def reset(self):
+        with self._lock:
+            self.received.clear()
+        self.responder = azure_chat_reply
+
+    def only(self):
+        """The single request received (fails if there were more or none)."""
+        assert len(self.received) == 1, f"{self.name} received {len(self.received)} requests"
+        return self.received[0]
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def read_chunked(stream):
+    body = b""
+    while True:
+        size = int(stream.readline().split(b";")[0], 16)
+        if size == 0:
+            stream.readline()
+            return body
+        body += stream.read(size)
+        stream.readline()
+
+
+# ---------------------------------------------------------------- Envoy
+
+def cluster(name, port):
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {
+                "address": "127.0.0.1", "port_value": port}}}}]}]},
+    }
+
+
+def wasm_filter(filter_config, env_keys=(), env_values=None, config_text=None):
+    """The Wasm HTTP filter entry, as the README documents it."""
+    env = {}
+    if env_keys:
+        env["host_env_keys"] = list(env_keys)
+    if env_values:
+        env["key_values"] = dict(env_values)
+    vm = {"vm_id": "azure_openai", "runtime": "envoy.wasm.runtime.v8",
+          "code": {"local": {"filename": str(WASM)}}}
+    if env:
+        vm["environment_variables"] = env
+    return {
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "azure_openai",
+                "root_id": "azure_openai",
+                "allow_on_headers_stop_iteration": True,
+                "failure_policy": "FAIL_RELOAD",
+                "vm_config": vm,
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": config_text if config_text is not None else json.dumps(filter_config),
+                },
+            },
+        },
+    }
+
+
+def bootstrap(http_filters, clusters, buffer_limit=40_000_000,
+              cluster_header="x-azure-openai-cluster"):
+    return {
+        "static_resources": {
+            "listeners": [{
+                "name": "gateway",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "per_connection_buffer_limit_bytes": buffer_limit,
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                 "http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "gateway",
+                        "codec_type": "AUTO",
+                        "route_config": {"name": "gateway", "virtual_hosts": [{
+                            "name": "openai", "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"}, "route": {
+                                "cluster_header": cluster_header, "timeout": "0s"},
+                                "request_headers_to_remove": [cluster_header]}]}]},
+                        "http_filters": http_filters + [{
+                            "name": "envoy.filters.http.router",
+                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions."
+                                                      "filters.http.router.v3.Router"}}],
+                    }}]}],
+            }],
+            "clusters": clusters,
+        },
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+    }
+
+
+class EnvoyFailed(Exception):
+    pass
+
+
+class Envoy:
+    """An Envoy process running `config` (a dict written as JSON, or a path)."""
+
+    def __init__(self, config, env=None, concurrency=2, log_level="info",
+                 component_log_level="wasm:trace"):
+        self.dir = Path(tempfile.mkdtemp(prefix="envoy-test-"))
+        if isinstance(config, (str, Path)):
+            self.config_path = Path(config)
+        else:
+            self.config_path = self.dir / "envoy.json"
+            self.config_path.write_text(json.dumps(config, indent=1))
+        self.log_path = self.dir / "envoy.log"
+        self.admin_path = self.dir / "admin"
+        self.env = dict(os.environ)
+        self.env.update(env or {})
+        self.args = [str(ENVOY), "-c", str(self.config_path),
+                     "--concurrency", str(concurrency), "--disable-hot-restart",
+                     "--admin-address-path", str(self.admin_path),
+                     "--log-level", log_level, "--log-path", str(self.log_path)]
+        if component_log_level:
+            self.args += ["--component-log-level", component_log_level]
+        self.process = None
+        self.port = None
+        self.admin = None
+
+    def start(self, timeout=30):
+        self.process = subprocess.Popen(self.args, env=self.env, cwd=ROOT,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EnvoyFailed(f"Envoy exited with {self.process.returncode}:\n{self.log()}")
+            if self.admin_path.exists() and self.admin_path.read_text().strip():
+                self.admin = "http://" + self.admin_path.read_text().strip()
+                try:
+                    if httpx.get(self.admin + "/ready", timeout=1).text.strip() == "LIVE":
+                        break
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.05)
+        else:
+            self.stop()
+            raise EnvoyFailed(f"Envoy did not become ready:\n{self.log()}")
+        listeners = httpx.get(self.admin + "/listeners?format=json", timeout=5).json()
+        address = listeners["listener_statuses"][0]["local_address"]["socket_address"]
+        self.port = address["port_value"]
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    def run_expecting_failure(self, timeout=30):
+        """Runs Envoy and returns (exit code, log) once it exits; fails the
+        test if it is still serving after `timeout` seconds."""
+        self.process = subprocess.Popen(self.args, env=self.env, cwd=ROOT,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"Envoy kept running with a bad configuration:\n{self.log()}")
+        return code, self.log()
+
+    def log(self):
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stats(self, prefix=""):
+        text = httpx.get(f"{self.admin}/stats?filter={prefix}", timeout=5).text
+        return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def cleanup(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def validate(config_path, env=None):
+    """`envoy --mode validate`; returns (exit code, output)."""
+    result = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(config_path),
+                             "--disable-hot-restart"],
+                            env={**os.environ, **(env or {})}, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    return result.returncode, result.stdout + result.stderr
+
+
+def assert_openai_error(response, status, code):
+    """The response is the filter's OpenAI error JSON with this status and code."""
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]

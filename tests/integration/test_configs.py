@@ -1,0 +1,186 @@
+"""Configurations: bad ones stop Envoy at start with a message naming the
+field; every example under envoy/ loads into a real Envoy."""
+
+import json
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+import yaml
+from conftest import gateway_config
+from harness import (ROOT, WASM, Envoy, assert_openai_error, bootstrap, cluster,
+                     validate, wasm_filter)
+
+EXAMPLES = sorted((ROOT / "envoy").glob("*.yaml"))
+
+
+def broken(change):
+    config = gateway_config(1, 2)
+    change(config)
+    return config
+
+
+BAD_CONFIGS = [
+    ("unknown field",
+     broken(lambda c: c["upstreams"]["west"].update(apiversion="2024-10-21")),
+     "upstreams.west.apiversion: unknown field `apiversion`"),
+    ("missing env var",
+     broken(lambda c: c["upstreams"]["west"]["auth"]["api_key"].update(env="NOT_PROVIDED")),
+     "upstreams.west.auth.api_key.env: environment variable `NOT_PROVIDED` is not visible"),
+    ("model on unknown upstream",
+     broken(lambda c: c["models"]["gpt-4o"].update(upstream="north")),
+     "models.gpt-4o.upstream: unknown upstream `north`"),
+    ("allowlist names unknown alias",
+     broken(lambda c: c["callers"][0].update(models=["gpt-4o", "gpt-5"])),
+     "callers[0].models[1]: unknown model alias `gpt-5`"),
+    ("duplicate caller names",
+     broken(lambda c: c["callers"][1].update(name="team-a")),
+     "callers[1].name: duplicate caller name `team-a`"),
+    ("duplicate key hashes",
+     broken(lambda c: c["callers"][1].update(key_sha256=c["callers"][0]["key_sha256"])),
+     "callers[1].key_sha256: same key hash as callers[0]"),
+    ("malformed hash",
+     broken(lambda c: c["callers"][0].update(key_sha256="abc123")),
+     "callers[0].key_sha256: must be the SHA-256 of the caller key as 64 lowercase hex digits"),
+    ("empty deployment",
+     broken(lambda c: c["models"]["gpt-4o"].update(deployment="")),
+     "models.gpt-4o.deployment: must not be empty"),
+    ("endpoint with a path",
+     broken(lambda c: c["upstreams"]["west"].update(endpoint="https://x.openai.azure.com/openai")),
+     "upstreams.west.endpoint: must be an origin"),
+]
+
+
+@pytest.mark.parametrize("name, config, message", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_configuration_stops_envoy(envoy_factory, name, config, message):
+    envoy = envoy_factory(
+        bootstrap([wasm_filter(config, env_keys=["AZURE_WEST_KEY"])],
+                  [cluster("azure_west", 1), cluster("azure_east", 2)]),
+        env={"AZURE_WEST_KEY": "k"})
+    code, log = envoy.run_expecting_failure()
+    assert code != 0
+    assert f"configuration refused: {message}" in log, log[-3000:]
+
+
+def test_configuration_that_is_not_json_stops_envoy(envoy_factory):
+    envoy = envoy_factory(bootstrap([wasm_filter(None, config_text="{upstreams: nope}")], []))
+    code, log = envoy.run_expecting_failure()
+    assert code != 0
+    assert "configuration refused: configuration: key must be a string" in log, log[-3000:]
+
+
+def test_bad_configuration_fails_validate_mode_too(tmp_path):
+    config = broken(lambda c: c["models"]["gpt-4o"].update(upstream="north"))
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bootstrap([wasm_filter(config, env_keys=["AZURE_WEST_KEY"])],
+                                         [cluster("azure_west", 1), cluster("azure_east", 2)])))
+    code, output = validate(path, env={"AZURE_WEST_KEY": "k"})
+    assert code != 0
+    assert "models.gpt-4o.upstream: unknown upstream `north`" in output
+
+
+# ------------------------------------------------------- envoy/ examples
+
+EXAMPLE_ENV = {"AZURE_DEMO_KEY": "demo-upstream-key", "AZURE_WEST_KEY": "west-key",
+               "AZURE_EAST_KEY": "east-key", "AZURE_CLIENT_SECRET": "client-secret"}
+
+
+def local_copy(example, tmp_path, upstream_port=None):
+    """The example with the built module, ports chosen by the OS, and (for
+    the demo) its stand-in at `upstream_port`."""
+    config = yaml.safe_load(example.read_text())
+    text = json.dumps(config)
+    text = text.replace("/etc/envoy/azure_openai_filter.wasm", str(WASM))
+    text = text.replace('"target/azure_openai_filter.wasm"', json.dumps(str(WASM)))
+    if upstream_port:
+        text = text.replace("127.0.0.1:10001", f"127.0.0.1:{upstream_port}")
+        text = text.replace('"port_value": 10001', f'"port_value": {upstream_port}')
+    config = json.loads(text)
+    for listener in config["static_resources"]["listeners"]:
+        listener["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
+    config["admin"]["address"]["socket_address"]["port_value"] = 0
+    path = tmp_path / example.name.replace(".yaml", ".json")
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_there_are_examples():
+    names = {p.name for p in EXAMPLES}
+    assert {"demo.yaml", "production.yaml"} <= names
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_passes_envoy_validate(example, tmp_path):
+    code, output = validate(local_copy(example, tmp_path), env=EXAMPLE_ENV)
+    assert code == 0, output[-3000:]
+    assert "configured:" in output  # the filter itself accepted its configuration
+
+
+def test_production_example_serves(envoy_factory, tmp_path):
+    envoy = envoy_factory(local_copy(ROOT / "envoy" / "production.yaml", tmp_path),
+                          env=EXAMPLE_ENV).start()
+    response = httpx.post(envoy.url + "/v1/chat/completions", json={"model": "gpt-4o"}, timeout=10)
+    assert_openai_error(response, 401, "missing_api_key")
+    response = httpx.post(envoy.url + "/v1/chat/completions", json={"model": "gpt-5"},
+                          headers={"authorization": "Bearer replace-me-team-a-key"}, timeout=10)
+    assert_openai_error(response, 404, "model_not_found")
+
+
+@pytest.fixture
+def demo_standin():
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "envoy" / "azure_standin.py"), "--port", "0", "--quiet",
+         "--key", EXAMPLE_ENV["AZURE_DEMO_KEY"], "--chunk-delay", "0.01",
+         "--deployment", "gpt4o-demo", "--deployment", "gpt4o-mini-demo",
+         "--deployment", "embed-demo"],
+        stdout=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    port = int(line.rsplit(":", 1)[1])
+    yield port
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_demo_gateway_works_with_the_openai_sdk(envoy_factory, tmp_path, demo_standin):
+    envoy = envoy_factory(local_copy(ROOT / "envoy" / "demo.yaml", tmp_path, demo_standin),
+                          env=EXAMPLE_ENV).start()
+    team_a = openai.OpenAI(base_url=envoy.url + "/v1", api_key="sk-demo-team-a", max_retries=0)
+    ops = openai.OpenAI(base_url=envoy.url + "/v1", api_key="sk-demo-ops", max_retries=0)
+
+    reply = team_a.chat.completions.create(model="gpt-4o",
+                                           messages=[{"role": "user", "content": "Hello"}])
+    assert reply.choices[0].message.content.endswith("You said: Hello")
+    assert reply.model == "gpt-4o-2024-08-06"
+
+    stream = ops.chat.completions.create(model="gpt-4o-mini", stream=True,
+                                         stream_options={"include_usage": True},
+                                         messages=[{"role": "user", "content": "Hi"}])
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.endswith("You said: Hi")
+    assert chunks[-1].usage.total_tokens > 0
+
+    embedding = ops.embeddings.create(model="text-embedding-3-small", input="x")
+    assert len(embedding.data[0].embedding) == 16
+
+    with pytest.raises(openai.NotFoundError):
+        team_a.embeddings.create(model="text-embedding-3-small", input="x")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=envoy.url + "/v1", api_key="sk-wrong", max_retries=0) \
+            .chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+
+
+def test_readme_commands_are_the_real_ones():
+    """The README's first two commands are the demo and the test runner, and
+    its curl uses the demo's key, model and port."""
+    readme = (ROOT / "README.md").read_text()
+    first_block = readme.split("```")[1]
+    assert "envoy/demo.sh" in first_block and "tests/run.sh" in first_block
+    assert "Authorization: Bearer sk-demo-team-a" in readme
+    demo = yaml.safe_load((ROOT / "envoy" / "demo.yaml").read_text())
+    assert demo["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] == 10000
+    assert "http://127.0.0.1:10000/v1/chat/completions" in readme
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "tests/run.sh" in ci
