@@ -1,11 +1,15 @@
 """Bare Envoy (native route rewrite + header swap) against Envoy with the
 filter, in one run: same small chat request, same upstream, over loopback.
 
-The Envoy under test runs one worker pinned to CPU 0; wrk and the upstream
-(an Envoy answering with a fixed Azure-shaped body) share CPU 1. Rounds
+A third set-up, bare Envoy plus a Wasm filter that does nothing
+(bench/noop-filter), shows what any Wasm filter costs before doing work.
+
+Two modes (see MODES): "pinned", where the Envoy under test has a core to
+itself and saturates it, and "shared", where everything shares both cores.
+The upstream is an Envoy answering with a fixed Azure-shaped body. Rounds
 alternate between the two set-ups so drift on this shared machine hits both.
-Reported: requests/s (median of rounds) and Envoy CPU time per request
-(from /proc, user + system, all threads), and filter/bare ratios.
+Reported: requests/s (median of rounds), Envoy CPU time per request (from
+/proc, user + system, all threads), and filter/bare ratios.
 """
 
 import argparse
@@ -93,6 +97,20 @@ def bare_config(upstream_port):
             "admin": admin()}
 
 
+NOOP_WASM = ROOT / "bench" / "noop-filter" / "target" / "wasm32-wasip1" / "release" / "noop_filter.wasm"
+
+
+def noop_config(upstream_port):
+    """Bare Envoy plus a Wasm filter that does nothing: what any Wasm filter
+    costs before it does any work."""
+    config = bare_config(upstream_port)
+    noop = wasm_filter({})
+    noop["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(NOOP_WASM)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    hcm["typed_config"]["http_filters"].insert(0, noop)
+    return config
+
+
 def filter_config(upstream_port):
     config = {
         "upstreams": {"west": {"endpoint": f"https://{AZURE_HOST}", "cluster": "azure_west",
@@ -108,7 +126,8 @@ def filter_config(upstream_port):
 
 def start(config, cpus, concurrency):
     envoy = Envoy(config, concurrency=concurrency, log_level="warn", component_log_level=None)
-    envoy.args = ["taskset", "-c", cpus] + envoy.args
+    if cpus:
+        envoy.args = ["taskset", "-c", cpus] + envoy.args
     return envoy.start()
 
 
@@ -117,9 +136,12 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
+WRK_CPUS = []
+
+
 def wrk(url, seconds, connections):
     env = {**os.environ, "BENCH_KEY": CALLER_KEY}
-    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}",
+    out = subprocess.run(WRK_CPUS + ["wrk", "-t1", f"-c{connections}",
                           f"-d{seconds}s", "-s", str(ROOT / "bench" / "post.lua"), url],
                          env=env, capture_output=True, text=True, check=True).stdout
     requests = int(re.search(r"(\d+) requests in", out).group(1))
@@ -145,19 +167,26 @@ def check(envoy):
     assert response.status_code == 200 and response.json()["id"] == "chatcmpl-1", response.text
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
-    args = parser.parse_args()
+MODES = {
+    # Envoy alone on CPU 0 with one worker; wrk and the upstream on CPU 1.
+    # Envoy saturates first, so throughput follows its CPU cost per request.
+    "pinned": {"under_test": "0", "helpers": "1", "workers": 1},
+    # Nothing pinned; Envoy runs two workers and shares both cores with wrk
+    # and the upstream: the throughput of the whole machine.
+    "shared": {"under_test": None, "helpers": None, "workers": 2},
+}
 
-    upstream = start(upstream_config(), "1", 1)
+
+def run_mode(mode, args):
+    global WRK_CPUS
+    settings = MODES[mode]
+    WRK_CPUS = ["taskset", "-c", settings["helpers"]] if settings["helpers"] else []
+    upstream = start(upstream_config(), settings["helpers"], 1)
     setups = {}
     try:
-        setups["bare"] = start(bare_config(upstream.port), "0", 1)
-        setups["filter"] = start(filter_config(upstream.port), "0", 1)
+        for name, make in (("bare", bare_config), ("noop-wasm", noop_config),
+                           ("filter", filter_config)):
+            setups[name] = start(make(upstream.port), settings["under_test"], settings["workers"])
         for envoy in setups.values():
             check(envoy)
             wrk(envoy.url + "/v1/chat/completions", 2, args.connections)  # warm-up
@@ -166,12 +195,11 @@ def main():
             for name, envoy in setups.items():
                 result = measure(envoy, args.seconds, args.connections)
                 rounds[name].append(result)
-                print(f"round {r + 1} {name:6}: {result['rps']:9.0f} req/s "
+                print(f"{mode} round {r + 1} {name:6}: {result['rps']:9.0f} req/s "
                       f"{result['cpu_us_per_request']:6.1f} us CPU/request", flush=True)
     finally:
         for envoy in [upstream, *setups.values()]:
             envoy.cleanup()
-
     summary = {}
     for name, results in rounds.items():
         summary[name] = {
@@ -179,23 +207,44 @@ def main():
             "cpu_us_per_request": sum(r["cpu_us_per_request"] * r["requests"] for r in results)
             / sum(r["requests"] for r in results),
         }
-    throughput_ratio = summary["filter"]["rps"] / summary["bare"]["rps"]
-    cpu_ratio = summary["filter"]["cpu_us_per_request"] / summary["bare"]["cpu_us_per_request"]
+    return {
+        "rounds": rounds,
+        "summary": summary,
+        "throughput_ratio": summary["filter"]["rps"] / summary["bare"]["rps"],
+        "cpu_per_request_ratio": summary["filter"]["cpu_us_per_request"]
+        / summary["bare"]["cpu_us_per_request"],
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--modes", default="pinned,shared",
+                        help="comma-separated: " + ", ".join(MODES))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    args = parser.parse_args()
+
+    results = {mode: run_mode(mode, args) for mode in args.modes.split(",")}
     wasm = ROOT / "target" / "azure_openai_filter.wasm"
-    report = {"rounds": rounds, "summary": summary, "throughput_ratio": throughput_ratio,
-              "cpu_per_request_ratio": cpu_ratio, "module_bytes": wasm.stat().st_size,
-              "settings": vars(args)}
+    report = {"modes": results, "module_bytes": wasm.stat().st_size, "settings": vars(args)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
 
     print()
-    print("| set-up | requests/s (median) | Envoy CPU per request |")
-    print("|---|---|---|")
-    for name in ("bare", "filter"):
-        s = summary[name]
-        print(f"| {name} | {s['rps']:.0f} | {s['cpu_us_per_request']:.1f} us |")
-    print(f"\nthroughput ratio filter/bare: {throughput_ratio:.3f} (target >= 0.85)")
-    print(f"CPU per request ratio filter/bare: {cpu_ratio:.3f}")
+    print("| mode | set-up | requests/s (median) | Envoy CPU per request |")
+    print("|---|---|---|---|")
+    for mode, result in results.items():
+        for name in ("bare", "noop-wasm", "filter"):
+            s = result["summary"][name]
+            print(f"| {mode} | {name} | {s['rps']:.0f} | {s['cpu_us_per_request']:.1f} us |")
+    print()
+    for mode, result in results.items():
+        noop = result["summary"]["noop-wasm"]["rps"] / result["summary"]["bare"]["rps"]
+        print(f"{mode}: throughput ratio filter/bare {result['throughput_ratio']:.3f} "
+              f"(target >= 0.85), CPU per request ratio {result['cpu_per_request_ratio']:.3f}; "
+              f"no-op Wasm filter/bare {noop:.3f}")
     print(f"module: {report['module_bytes']} bytes")
 
 

@@ -10,5 +10,6 @@ if ! command -v wrk >/dev/null; then
   if [ "$(id -u)" = 0 ]; then apt-get install -y -q wrk >&2; else sudo apt-get install -y -q wrk >&2; fi
 fi
 ./wasm-build.sh
+cargo build --release --locked --target wasm32-wasip1 --manifest-path bench/noop-filter/Cargo.toml >&2
 venv=$(tests/venv.sh)
 exec "$venv/bin/python" bench/bench.py "$@"

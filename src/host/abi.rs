@@ -46,7 +46,14 @@ extern "C" {
         return_map_data: *mut *mut u8,
         return_map_size: *mut usize,
     ) -> u32;
-    fn proxy_set_header_map_pairs(map_type: u32, map_data: *const u8, map_size: usize) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
     fn proxy_get_buffer_bytes(
         buffer_type: u32,
         start: usize,
@@ -121,10 +128,23 @@ pub fn get_headers(map: HeaderMap) -> Result<Vec<u8>, Status> {
     }
 }
 
-/// Replaces the whole header map (encoded, see `crate::headers`): one host call.
-pub fn set_headers(map: HeaderMap, encoded: &[u8]) -> Result<(), Status> {
-    // SAFETY: the slice is live for the call.
-    check(unsafe { proxy_set_header_map_pairs(map as u32, encoded.as_ptr(), encoded.len()) })
+/// Sets a header, replacing every value it had.
+pub fn set_header(map: HeaderMap, name: &str, value: &[u8]) -> Result<(), Status> {
+    // SAFETY: both slices are live for the call.
+    check(unsafe {
+        proxy_replace_header_map_value(
+            map as u32,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    })
+}
+
+pub fn remove_header(map: HeaderMap, name: &str) -> Result<(), Status> {
+    // SAFETY: name is live for the call.
+    check(unsafe { proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) })
 }
 
 /// Up to `max` bytes of a buffer from `start`.

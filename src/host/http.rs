@@ -2,8 +2,8 @@
 //! request is either answered by the filter or rewritten and let through.
 //! Responses are never touched, so streams flow back unbuffered.
 //!
-//! Host calls per forwarded request: one to read the headers, one to read
-//! the body, one to write the headers back.
+//! Host calls per forwarded request: one to read every header, one to read
+//! the body, then one per header edit (about five).
 
 use std::rc::Rc;
 
@@ -14,14 +14,14 @@ use super::abi::{self, Buffer, HeaderMap};
 use super::log;
 use crate::config::Config;
 use crate::errors::ApiError;
-use crate::gateway::{self, Admitted, RequestHead};
+use crate::gateway::{self, Admitted, HeaderEdit, RequestHead};
 use crate::headers::{self, Header};
 
 enum State {
     /// Headers not seen yet.
     New,
     /// Admitted on its headers; collecting the body. Holds the encoded
-    /// request headers, written back rewritten once the body is in.
+    /// request headers, from which the header edits are worked out.
     AwaitingBody(Admitted, Vec<u8>),
     /// Answered by the filter, or forwarded: nothing more to do.
     Done,
@@ -71,17 +71,20 @@ impl Request {
         gateway::check_body_size(config, body.len())?;
         let forward = gateway::route(config, &admitted, &body)?;
         let request_headers = headers::decode(encoded_headers).ok_or_else(unreadable_headers)?;
-        let upstream_headers = forward.upstream_headers(config, &request_headers);
-        abi::set_headers(HeaderMap::Request, &headers::encode(&upstream_headers)).map_err(
-            |status| {
+        for edit in forward.header_edits(config, &request_headers) {
+            let applied = match edit {
+                HeaderEdit::Remove(name) => abi::remove_header(HeaderMap::Request, name),
+                HeaderEdit::Set(name, value) => abi::set_header(HeaderMap::Request, name, value),
+            };
+            applied.map_err(|status| {
                 log::error(format_args!(
-                    "request {}: Envoy refused the header rewrite (status {}); is \
+                    "request {}: Envoy refused a header change (status {}); is \
                      allow_on_headers_stop_iteration set on the Wasm filter?",
                     self.id, status.0
                 ));
                 ApiError::internal("could not rewrite the request")
-            },
-        )?;
+            })?;
+        }
         log::debug(format_args!(
             "request {}: caller `{}` model `{}` -> upstream `{}` deployment `{}`",
             self.id, forward.caller, forward.model, forward.upstream.name, forward.deployment

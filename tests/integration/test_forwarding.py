@@ -2,10 +2,12 @@
 
 import concurrent.futures
 import json
+import socket
 
 import httpx
 import pytest
-from conftest import EAST_KEY, OPS_KEY, TEAM_A_KEY, WEST_KEY
+from conftest import EAST_KEY, OPS_KEY, TEAM_A_KEY, WEST_KEY, gateway_config
+from harness import bootstrap, cluster, wasm_filter
 
 CHAT = {"messages": [{"role": "user", "content": "Hello"}], "model": "gpt-4o"}
 
@@ -163,3 +165,32 @@ def test_concurrent_requests_across_workers(gateway, west, east):
     contents = sorted(json.loads(r.body)["messages"][0]["content"]
                       for r in west.received + east.received)
     assert contents == sorted(f"n{i}" for i in range(200))
+
+
+def test_request_with_trailers(envoy_factory, west, east):
+    """A chunked body ended by trailers (Envoy passes them on when the
+    codec enables them): the trailers end the body for the filter."""
+    config = bootstrap([wasm_filter(gateway_config(west.port, east.port), env_keys=["AZURE_WEST_KEY"])],
+                       [cluster("azure_west", west.port), cluster("azure_east", east.port)])
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_protocol_options"] = {"enable_trailers": True}
+    envoy = envoy_factory(config, env={"AZURE_WEST_KEY": WEST_KEY}).start()
+
+    body = json.dumps(CHAT).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+               b"Authorization: Bearer " + TEAM_A_KEY.encode() + b"\r\n"
+               b"Transfer-Encoding: chunked\r\nTE: trailers\r\n\r\n"
+               + b"%x\r\n%s\r\n" % (len(body), body) + b"0\r\nx-checksum: abc\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", envoy.port), timeout=10) as sock:
+        sock.sendall(request)
+        response = b""
+        while b"\r\n\r\n" not in response or not response.rstrip().endswith(b"}"):
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            response += piece
+    assert response.startswith(b"HTTP/1.1 200"), response[:200]
+    got = west.only()
+    assert got.body == body
+    assert got.path == "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"
+    assert got.all("api-key") == [WEST_KEY]

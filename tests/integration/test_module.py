@@ -27,3 +27,42 @@ def test_no_key_reaches_the_log(gateway, west):
     assert "caller `team-a` model `gpt-4o` -> upstream `west`" in log  # decisions are logged
     for secret in (TEAM_A_KEY, OPS_KEY, "sk-wrong-key-123", WEST_KEY, EAST_KEY):
         assert secret not in log
+
+
+def wasm_exports(path):
+    """Export names of a wasm module (export section, id 7)."""
+    data = path.read_bytes()
+
+    def leb(i):
+        value = shift = 0
+        while True:
+            byte = data[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value, i
+
+    i, names = 8, []
+    while i < len(data):
+        section = data[i]
+        size, start = leb(i + 1)
+        if section == 7:
+            count, j = leb(start)
+            for _ in range(count):
+                length, j = leb(j)
+                names.append(data[j:j + length].decode())
+                _, j = leb(j + length + 1)
+        i = start + size
+    return names
+
+
+def test_module_exports_only_the_callbacks_it_implements():
+    """Envoy enters the VM for every exported callback; the build keeps only
+    these (wasm-build.sh)."""
+    callbacks = {name for name in wasm_exports(WASM) if name.startswith("proxy_on_")}
+    assert callbacks == {
+        "proxy_on_memory_allocate", "proxy_on_vm_start", "proxy_on_configure",
+        "proxy_on_context_create", "proxy_on_delete",
+        "proxy_on_request_headers", "proxy_on_request_body", "proxy_on_request_trailers",
+    }
