@@ -179,6 +179,24 @@ impl ApiError {
         .with_param("model")
     }
 
+    /// No access token for a token upstream could be had in time. `reason`
+    /// says what the identity endpoint did (status, error, AADSTS code).
+    pub fn token_unavailable(upstream: &str, reason: Option<&str>, waited_ms: u64) -> Self {
+        let reason = match reason {
+            Some(reason) => reason.to_string(),
+            None => format!("no token arrived within {waited_ms} ms"),
+        };
+        Self::new(
+            503,
+            "server_error",
+            "token_unavailable",
+            format!(
+                "The gateway could not get an access token for upstream `{upstream}`: {reason}. \
+                 Try again later; if this persists, the gateway's identity configuration needs attention."
+            ),
+        )
+    }
+
     /// The gateway itself failed (a host call it relies on did not work).
     pub fn internal(what: &str) -> Self {
         Self::new(
@@ -292,6 +310,24 @@ mod tests {
     }
 
     #[test]
+    fn token_unavailable_names_the_reason_or_the_wait() {
+        let error = ApiError::token_unavailable(
+            "west",
+            Some("the identity endpoint answered 401 invalid_client (AADSTS7000215)"),
+            10_000,
+        );
+        assert_eq!(
+            (error.status, error.code, error.kind),
+            (503, "token_unavailable", "server_error")
+        );
+        assert!(error.message.contains(
+            "upstream `west`: the identity endpoint answered 401 invalid_client (AADSTS7000215)."
+        ));
+        let error = ApiError::token_unavailable("west", None, 2_500);
+        assert!(error.message.contains("no token arrived within 2500 ms"));
+    }
+
+    #[test]
     fn method_not_allowed_carries_allow_header() {
         let error = ApiError::method_not_allowed(b"GET", "/v1/embeddings", "POST");
         assert_eq!(error.status, 405);
@@ -309,5 +345,6 @@ mod tests {
         assert_eq!(ApiError::duplicate_model().status, 400);
         assert_eq!(ApiError::body_too_large(10).status, 413);
         assert_eq!(ApiError::internal("x").status, 500);
+        assert_eq!(ApiError::token_unavailable("west", None, 10).status, 503);
     }
 }

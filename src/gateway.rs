@@ -2,12 +2,15 @@
 //! [`admit`] on the request headers (before any body is read) and [`route`]
 //! once the whole body is in. Both answer with what to do, never do it.
 
+use std::borrow::Cow;
+
 use crate::auth::{authenticate, presented_key};
 use crate::body::find_model;
 use crate::config::{Config, Upstream, UpstreamAuth};
 use crate::errors::ApiError;
 use crate::headers::{self, Header};
 use crate::routes::{classify, Operation};
+use crate::secret::Secret;
 
 /// The request headers the decisions need.
 #[derive(Debug, Default, Clone, Copy)]
@@ -117,20 +120,53 @@ pub fn route<'c>(
 }
 
 /// A change to the request headers before it goes upstream.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeaderEdit<'a> {
     Remove(&'static str),
     /// Replaces every value the header had.
-    Set(&'a str, &'a [u8]),
+    Set(Cow<'a, str>, Cow<'a, [u8]>),
+}
+
+impl HeaderEdit<'_> {
+    pub fn into_owned(self) -> HeaderEdit<'static> {
+        match self {
+            HeaderEdit::Remove(name) => HeaderEdit::Remove(name),
+            HeaderEdit::Set(name, value) => HeaderEdit::Set(
+                Cow::Owned(name.into_owned()),
+                Cow::Owned(value.into_owned()),
+            ),
+        }
+    }
+}
+
+/// `Authorization: Bearer <token>` for a token upstream.
+pub fn bearer(token: &Secret) -> HeaderEdit<'static> {
+    let value = format!("Bearer {}", token.expose());
+    HeaderEdit::Set(
+        Cow::Borrowed("authorization"),
+        Cow::Owned(value.into_bytes()),
+    )
 }
 
 /// Caller credentials: they never travel upstream.
 pub const CALLER_CREDENTIAL_HEADERS: [&str; 2] = ["authorization", "api-key"];
 
 impl Forward<'_> {
+    /// The token credential (index into `Config::credentials`) this request
+    /// needs, if its upstream uses one.
+    pub fn token_credential(&self) -> Option<usize> {
+        match self.upstream.auth {
+            UpstreamAuth::Token(index) => Some(index),
+            UpstreamAuth::ApiKey(_) => None,
+        }
+    }
+
     /// The header edits, given the caller's headers: drop the caller's
-    /// credentials, then set authority, path, routing header (replacing any
-    /// value the caller sent in it) and the upstream's credential.
+    /// credentials, set authority, path and routing header (replacing any
+    /// value the caller sent in it), then the upstream's credential. For a
+    /// token upstream, `token` is the bearer token; without one the
+    /// caller's `authorization` is removed and the bearer is added later
+    /// (a request held until a token arrives).
     ///
     /// Edits go to Envoy one by one: cheaper than rewriting the whole map,
     /// which makes Envoy remove and re-add every header.
@@ -138,27 +174,36 @@ impl Forward<'_> {
         &'a self,
         config: &'a Config,
         caller: &[Header<'_>],
+        token: Option<&Secret>,
     ) -> Vec<HeaderEdit<'a>> {
+        let credential = match (&self.upstream.auth, token) {
+            (UpstreamAuth::ApiKey(key), _) => Some(HeaderEdit::Set(
+                Cow::Borrowed("api-key"),
+                Cow::Borrowed(key.expose().as_bytes()),
+            )),
+            (UpstreamAuth::Token(_), Some(token)) => Some(bearer(token)),
+            (UpstreamAuth::Token(_), None) => None,
+        };
+        let overwritten = match &credential {
+            Some(HeaderEdit::Set(name, _)) => name.as_ref(),
+            _ => "",
+        };
         let mut edits = Vec::with_capacity(6);
         for name in CALLER_CREDENTIAL_HEADERS {
-            if headers::first(caller, name).is_some() {
+            if name != overwritten && headers::first(caller, name).is_some() {
                 edits.push(HeaderEdit::Remove(name));
             }
         }
-        edits.push(HeaderEdit::Set(
-            ":authority",
-            self.upstream.authority.as_bytes(),
-        ));
-        edits.push(HeaderEdit::Set(":path", self.path.as_bytes()));
-        edits.push(HeaderEdit::Set(
-            &config.cluster_header,
-            self.upstream.cluster.as_bytes(),
-        ));
-        match &self.upstream.auth {
-            UpstreamAuth::ApiKey(key) => {
-                edits.push(HeaderEdit::Set("api-key", key.expose().as_bytes()))
-            }
-        }
+        let mut set = |name: &'a str, value: &'a str| {
+            edits.push(HeaderEdit::Set(
+                Cow::Borrowed(name),
+                Cow::Borrowed(value.as_bytes()),
+            ));
+        };
+        set(":authority", &self.upstream.authority);
+        set(":path", &self.path);
+        set(&config.cluster_header, &self.upstream.cluster);
+        edits.extend(credential);
         edits
     }
 }

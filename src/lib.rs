@@ -11,8 +11,10 @@ pub mod config;
 pub mod errors;
 pub mod gateway;
 pub mod headers;
+pub mod json;
 pub mod routes;
 pub mod secret;
+pub mod token;
 
 #[cfg(target_arch = "wasm32")]
 mod host;

@@ -2,15 +2,21 @@
 //! into the structure every request reads. Each refusal names the JSON path
 //! of the offending field and says what to change.
 
+mod credential;
 mod endpoint;
 mod raw;
 
 use std::collections::BTreeMap;
 use std::fmt;
 
+pub use credential::{Credential, TokenRequest, DEFAULT_MAX_WAIT_MS, DEFAULT_TOKEN_TIMEOUT_MS};
 pub use endpoint::{parse_endpoint, Endpoint, Scheme};
 use raw::{RawAuth, RawCaller, RawConfig, RawModel, RawSecret, RawUpstream};
 
+/// Looks up an environment variable of the Wasm VM.
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+use crate::json::Json;
 use crate::secret::Secret;
 
 pub const DEFAULT_API_VERSION: &str = "2024-10-21";
@@ -59,6 +65,8 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     pub models: Vec<Model>,
     pub callers: Vec<Caller>,
+    /// Token credentials, shared by upstreams with the same identity.
+    pub credentials: Vec<Credential>,
     model_index: BTreeMap<String, usize>,
 }
 
@@ -75,7 +83,10 @@ pub struct Upstream {
 
 #[derive(Debug)]
 pub enum UpstreamAuth {
+    /// A resource key, sent as `api-key`.
     ApiKey(Secret),
+    /// A token from `Config::credentials[i]`, sent as `Authorization: Bearer`.
+    Token(usize),
 }
 
 #[derive(Debug)]
@@ -125,19 +136,8 @@ impl Config {
         if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(error("configuration", "must be a JSON object"));
         }
-        let mut deserializer = serde_json::Deserializer::from_slice(json);
-        let raw: RawConfig = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." || path == "?" {
-                "configuration".to_string()
-            } else {
-                path
-            };
-            error(path, e.into_inner().to_string())
-        })?;
-        deserializer
-            .end()
-            .map_err(|e| error("configuration", e.to_string()))?;
+        let json = Json::parse(json).map_err(|e| error("configuration", e.to_string()))?;
+        let raw = RawConfig::read(&json)?;
         validate(raw, env)
     }
 
@@ -154,9 +154,13 @@ impl Config {
     pub fn caller(&self, index: usize) -> Option<&Caller> {
         self.callers.get(index)
     }
+
+    pub fn credential(&self, index: usize) -> Option<&Credential> {
+        self.credentials.get(index)
+    }
 }
 
-fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+fn validate(raw: RawConfig, env: Env) -> Result<Config, ConfigError> {
     let default_api_version = match raw.api_version {
         Some(version) => check_api_version("api_version", version)?,
         None => DEFAULT_API_VERSION.to_string(),
@@ -177,28 +181,30 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         Some(n) => usize::try_from(n).map_err(|_| error("max_request_body_bytes", "too large"))?,
     };
 
-    if raw.upstreams.0.is_empty() {
+    if raw.upstreams.is_empty() {
         return Err(error("upstreams", "must name at least one upstream"));
     }
-    let mut upstreams = Vec::with_capacity(raw.upstreams.0.len());
-    for (name, upstream) in raw.upstreams.0 {
+    let mut upstreams = Vec::with_capacity(raw.upstreams.len());
+    let mut credentials = Vec::new();
+    for (name, upstream) in raw.upstreams {
         upstreams.push(validate_upstream(
             name,
             upstream,
             &default_api_version,
             env,
+            &mut credentials,
         )?);
     }
 
-    if raw.models.0.is_empty() {
+    if raw.models.is_empty() {
         return Err(error(
             "models",
             "must map at least one model alias to a deployment",
         ));
     }
-    let mut models = Vec::with_capacity(raw.models.0.len());
+    let mut models = Vec::with_capacity(raw.models.len());
     let mut model_index = BTreeMap::new();
-    for (alias, model) in raw.models.0 {
+    for (alias, model) in raw.models {
         let model = validate_model(alias, model, &upstreams)?;
         model_index.insert(model.alias.clone(), models.len());
         models.push(model);
@@ -245,6 +251,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         upstreams,
         models,
         callers,
+        credentials,
         model_index,
     })
 }
@@ -253,7 +260,8 @@ fn validate_upstream(
     name: String,
     raw: RawUpstream,
     default_api_version: &str,
-    env: &dyn Fn(&str) -> Option<String>,
+    env: Env,
+    credentials: &mut Vec<Credential>,
 ) -> Result<Upstream, ConfigError> {
     let path = format!("upstreams.{name}");
     if name.is_empty() {
@@ -261,31 +269,64 @@ fn validate_upstream(
     }
     let endpoint = parse_endpoint(&raw.endpoint)
         .map_err(|message| error(format!("{path}.endpoint"), message))?;
-    if raw.cluster.is_empty() || !raw.cluster.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(error(
-            format!("{path}.cluster"),
-            "must be the name of an Envoy cluster (printable ASCII, no spaces)",
-        ));
-    }
+    let cluster = check_cluster(&format!("{path}.cluster"), raw.cluster)?;
     let api_version = match raw.api_version {
         Some(version) => check_api_version(&format!("{path}.api_version"), version)?,
         None => default_api_version.to_string(),
     };
-    let auth = match raw.auth {
-        RawAuth::ApiKey(secret) => UpstreamAuth::ApiKey(resolve_secret(
-            &format!("{path}.auth.api_key"),
-            secret,
-            env,
-        )?),
+    let credential = match raw.auth {
+        RawAuth::ApiKey(secret) => {
+            let key = resolve_secret(&format!("{path}.auth.api_key"), secret, env)?;
+            return Ok(Upstream {
+                name,
+                authority: endpoint.authority(),
+                endpoint,
+                cluster,
+                api_version,
+                auth: UpstreamAuth::ApiKey(key),
+            });
+        }
+        RawAuth::Entra(entra) => credential::entra(&format!("{path}.auth.entra"), entra, env)?,
+        RawAuth::ManagedIdentity(identity) => {
+            credential::managed_identity(&format!("{path}.auth.managed_identity"), identity)?
+        }
     };
+    // Upstreams with the same identity share one token (and one refresh).
+    let index = match credentials
+        .iter()
+        .position(|c| c.shared_key == credential.shared_key)
+    {
+        Some(index) => index,
+        None => {
+            credentials.push(credential);
+            credentials.len() - 1
+        }
+    };
+    if let Some(shared) = credentials.get_mut(index) {
+        if !shared.label.is_empty() {
+            shared.label.push_str(", ");
+        }
+        shared.label.push_str(&name);
+    }
     Ok(Upstream {
         name,
         authority: endpoint.authority(),
         endpoint,
-        cluster: raw.cluster,
+        cluster,
         api_version,
-        auth,
+        auth: UpstreamAuth::Token(index),
     })
+}
+
+/// The name of an Envoy cluster: printable ASCII without spaces.
+fn check_cluster(path: &str, cluster: String) -> Result<String, ConfigError> {
+    if cluster.is_empty() || !cluster.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(error(
+            path,
+            "must be the name of an Envoy cluster (printable ASCII, no spaces)",
+        ));
+    }
+    Ok(cluster)
 }
 
 fn validate_model(
@@ -386,11 +427,7 @@ fn validate_caller(
     })
 }
 
-fn resolve_secret(
-    path: &str,
-    raw: RawSecret,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Secret, ConfigError> {
+fn resolve_secret(path: &str, raw: RawSecret, env: Env) -> Result<Secret, ConfigError> {
     let (value, path) = match raw {
         RawSecret::Env(name) => {
             let path = format!("{path}.env");

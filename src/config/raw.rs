@@ -1,95 +1,443 @@
-//! The configuration JSON exactly as users write it. Unknown fields and
-//! duplicate keys are refused here; meaning is checked in `validate`.
+//! The configuration JSON exactly as users write it, read field by field so
+//! that every refusal names its JSON path: unknown fields, repeated keys,
+//! missing fields and wrong types. Meaning is checked in `validate`.
 
-use std::collections::BTreeMap;
-use std::fmt;
-use std::marker::PhantomData;
+use super::{error, ConfigError};
+use crate::json::Json;
 
-use serde::de::{Deserializer, MapAccess, Visitor};
-use serde::Deserialize;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    pub upstreams: UniqueMap<RawUpstream>,
-    pub models: UniqueMap<RawModel>,
+    pub upstreams: Vec<(String, RawUpstream)>,
+    pub models: Vec<(String, RawModel)>,
     pub callers: Vec<RawCaller>,
-    #[serde(default)]
     pub api_version: Option<String>,
-    #[serde(default)]
     pub cluster_header: Option<String>,
-    #[serde(default)]
     pub max_request_body_bytes: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub endpoint: String,
     pub cluster: String,
-    #[serde(default)]
     pub api_version: Option<String>,
     pub auth: RawAuth,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum RawAuth {
     ApiKey(RawSecret),
+    Entra(RawEntra),
+    ManagedIdentity(RawManagedIdentity),
 }
 
 /// `{"env": "NAME"}` or `{"value": "..."}`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum RawSecret {
     Env(String),
     Value(String),
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Client credentials against Microsoft Entra ID.
+pub struct RawEntra {
+    pub tenant_id: String,
+    pub client_id: String,
+    pub client_secret: RawSecret,
+    pub token_cluster: String,
+    pub cloud: Option<Cloud>,
+    pub authority_host: Option<String>,
+    pub scope: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub max_wait_ms: Option<u64>,
+}
+
+/// A managed identity through the instance metadata service (IMDS).
+pub struct RawManagedIdentity {
+    pub imds_cluster: String,
+    pub client_id: Option<String>,
+    pub object_id: Option<String>,
+    pub msi_res_id: Option<String>,
+    pub cloud: Option<Cloud>,
+    pub resource: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub max_wait_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cloud {
+    Public,
+    Usgov,
+    China,
+}
+
 pub struct RawModel {
     pub upstream: String,
     pub deployment: String,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawCaller {
     pub name: String,
     pub key_sha256: String,
     pub models: Vec<String>,
 }
 
-/// A JSON object read into a sorted map, refusing a key that appears twice
-/// (plain maps keep the last one silently, which would hide a mistake).
-#[derive(Debug)]
-pub struct UniqueMap<V>(pub BTreeMap<String, V>);
+impl RawConfig {
+    pub fn read(json: &Json) -> Result<Self, ConfigError> {
+        let top = Object::new(
+            "",
+            json,
+            &[
+                "upstreams",
+                "models",
+                "callers",
+                "api_version",
+                "cluster_header",
+                "max_request_body_bytes",
+            ],
+        )?;
+        let upstreams = entries(&top.path_of("upstreams"), top.required("upstreams")?)?
+            .into_iter()
+            .map(|(path, name, json)| Ok((name, RawUpstream::read(&path, json)?)))
+            .collect::<Result<_, ConfigError>>()?;
+        let models = entries(&top.path_of("models"), top.required("models")?)?
+            .into_iter()
+            .map(|(path, alias, json)| Ok((alias, RawModel::read(&path, json)?)))
+            .collect::<Result<_, ConfigError>>()?;
+        let callers_path = top.path_of("callers");
+        let callers = array(&callers_path, top.required("callers")?)?
+            .iter()
+            .enumerate()
+            .map(|(i, json)| RawCaller::read(&format!("{callers_path}[{i}]"), json))
+            .collect::<Result<_, ConfigError>>()?;
+        Ok(RawConfig {
+            upstreams,
+            models,
+            callers,
+            api_version: top.optional_string("api_version")?,
+            cluster_header: top.optional_string("cluster_header")?,
+            max_request_body_bytes: top.optional_u64("max_request_body_bytes")?,
+        })
+    }
+}
 
-impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueMap<V> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct UniqueMapVisitor<V>(PhantomData<V>);
-
-        impl<'de, V: Deserialize<'de>> Visitor<'de> for UniqueMapVisitor<V> {
-            type Value = UniqueMap<V>;
-
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
+impl RawUpstream {
+    fn read(path: &str, json: &Json) -> Result<Self, ConfigError> {
+        let object = Object::new(path, json, &["endpoint", "cluster", "api_version", "auth"])?;
+        let auth_path = object.path_of("auth");
+        let auth = object.required("auth")?;
+        let auth = match one_of(&auth_path, auth, &["api_key", "entra", "managed_identity"])? {
+            ("api_key", secret) => {
+                RawAuth::ApiKey(RawSecret::read(&format!("{auth_path}.api_key"), secret)?)
             }
+            ("entra", entra) => {
+                RawAuth::Entra(RawEntra::read(&format!("{auth_path}.entra"), entra)?)
+            }
+            (_, identity) => RawAuth::ManagedIdentity(RawManagedIdentity::read(
+                &format!("{auth_path}.managed_identity"),
+                identity,
+            )?),
+        };
+        Ok(RawUpstream {
+            endpoint: object.string("endpoint")?,
+            cluster: object.string("cluster")?,
+            api_version: object.optional_string("api_version")?,
+            auth,
+        })
+    }
+}
 
-            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
-                let mut map = BTreeMap::new();
-                while let Some(key) = access.next_key::<String>()? {
-                    if map.contains_key(&key) {
-                        return Err(serde::de::Error::custom(format!("duplicate key `{key}`")));
-                    }
-                    let value = access.next_value()?;
-                    map.insert(key, value);
-                }
-                Ok(UniqueMap(map))
+impl RawSecret {
+    fn read(path: &str, json: &Json) -> Result<Self, ConfigError> {
+        let (kind, value) = one_of(path, json, &["env", "value"])?;
+        let value = string(&format!("{path}.{kind}"), value)?;
+        Ok(if kind == "env" {
+            RawSecret::Env(value)
+        } else {
+            RawSecret::Value(value)
+        })
+    }
+}
+
+impl RawEntra {
+    fn read(path: &str, json: &Json) -> Result<Self, ConfigError> {
+        let object = Object::new(
+            path,
+            json,
+            &[
+                "tenant_id",
+                "client_id",
+                "client_secret",
+                "token_cluster",
+                "cloud",
+                "authority_host",
+                "scope",
+                "timeout_ms",
+                "max_wait_ms",
+            ],
+        )?;
+        Ok(RawEntra {
+            tenant_id: object.string("tenant_id")?,
+            client_id: object.string("client_id")?,
+            client_secret: RawSecret::read(
+                &object.path_of("client_secret"),
+                object.required("client_secret")?,
+            )?,
+            token_cluster: object.string("token_cluster")?,
+            cloud: object.cloud()?,
+            authority_host: object.optional_string("authority_host")?,
+            scope: object.optional_string("scope")?,
+            timeout_ms: object.optional_u64("timeout_ms")?,
+            max_wait_ms: object.optional_u64("max_wait_ms")?,
+        })
+    }
+}
+
+impl RawManagedIdentity {
+    fn read(path: &str, json: &Json) -> Result<Self, ConfigError> {
+        let object = Object::new(
+            path,
+            json,
+            &[
+                "imds_cluster",
+                "client_id",
+                "object_id",
+                "msi_res_id",
+                "cloud",
+                "resource",
+                "timeout_ms",
+                "max_wait_ms",
+            ],
+        )?;
+        Ok(RawManagedIdentity {
+            imds_cluster: object.string("imds_cluster")?,
+            client_id: object.optional_string("client_id")?,
+            object_id: object.optional_string("object_id")?,
+            msi_res_id: object.optional_string("msi_res_id")?,
+            cloud: object.cloud()?,
+            resource: object.optional_string("resource")?,
+            timeout_ms: object.optional_u64("timeout_ms")?,
+            max_wait_ms: object.optional_u64("max_wait_ms")?,
+        })
+    }
+}
+
+impl RawModel {
+    fn read(path: &str, json: &Json) -> Result<Self, ConfigError> {
+        let object = Object::new(path, json, &["upstream", "deployment"])?;
+        Ok(RawModel {
+            upstream: object.string("upstream")?,
+            deployment: object.string("deployment")?,
+        })
+    }
+}
+
+impl RawCaller {
+    fn read(path: &str, json: &Json) -> Result<Self, ConfigError> {
+        let object = Object::new(path, json, &["name", "key_sha256", "models"])?;
+        let models_path = object.path_of("models");
+        let models = array(&models_path, object.required("models")?)?
+            .iter()
+            .enumerate()
+            .map(|(i, json)| string(&format!("{models_path}[{i}]"), json))
+            .collect::<Result<_, ConfigError>>()?;
+        Ok(RawCaller {
+            name: object.string("name")?,
+            key_sha256: object.string("key_sha256")?,
+            models,
+        })
+    }
+}
+
+/// An object whose keys are all known and each appears once.
+struct Object<'a> {
+    path: String,
+    json: &'a Json,
+}
+
+impl<'a> Object<'a> {
+    fn new(path: &str, json: &'a Json, known: &[&str]) -> Result<Self, ConfigError> {
+        let members = members(path, json)?;
+        for (key, _) in members {
+            if !known.contains(&key.as_str()) {
+                return Err(error(
+                    join(path, key),
+                    format!("unknown field `{key}`; expected one of {}", quoted(known)),
+                ));
             }
         }
-
-        deserializer.deserialize_map(UniqueMapVisitor(PhantomData))
+        Ok(Object {
+            path: path.to_string(),
+            json,
+        })
     }
+
+    fn path_of(&self, key: &str) -> String {
+        join(&self.path, key)
+    }
+
+    fn optional(&self, key: &str) -> Option<&'a Json> {
+        self.json.get(key)
+    }
+
+    fn required(&self, key: &str) -> Result<&'a Json, ConfigError> {
+        self.optional(key).ok_or_else(|| {
+            error(
+                if self.path.is_empty() {
+                    "configuration"
+                } else {
+                    &self.path
+                },
+                format!("missing field `{key}`"),
+            )
+        })
+    }
+
+    fn string(&self, key: &str) -> Result<String, ConfigError> {
+        string(&self.path_of(key), self.required(key)?)
+    }
+
+    fn optional_string(&self, key: &str) -> Result<Option<String>, ConfigError> {
+        self.optional(key)
+            .map(|json| string(&self.path_of(key), json))
+            .transpose()
+    }
+
+    fn optional_u64(&self, key: &str) -> Result<Option<u64>, ConfigError> {
+        match self.optional(key) {
+            None => Ok(None),
+            Some(Json::Unsigned(n)) => Ok(Some(*n)),
+            Some(other) => Err(error(
+                self.path_of(key),
+                format!(
+                    "expected a whole number of 0 or more, got {}",
+                    describe(other)
+                ),
+            )),
+        }
+    }
+
+    fn cloud(&self) -> Result<Option<Cloud>, ConfigError> {
+        let Some(name) = self.optional_string("cloud")? else {
+            return Ok(None);
+        };
+        match name.as_str() {
+            "public" => Ok(Some(Cloud::Public)),
+            "usgov" => Ok(Some(Cloud::Usgov)),
+            "china" => Ok(Some(Cloud::China)),
+            _ => Err(error(
+                self.path_of("cloud"),
+                format!("unknown cloud `{name}`; expected one of `public`, `usgov`, `china`"),
+            )),
+        }
+    }
+}
+
+/// An object's members, refusing a key that appears twice (a plain map
+/// would keep one silently and hide the mistake).
+fn members<'a>(path: &str, json: &'a Json) -> Result<&'a [(String, Json)], ConfigError> {
+    let Json::Object(members) = json else {
+        return Err(error(
+            if path.is_empty() {
+                "configuration"
+            } else {
+                path
+            },
+            format!("expected an object, got {}", json.kind()),
+        ));
+    };
+    for (i, (key, _)) in members.iter().enumerate() {
+        if members.iter().skip(i + 1).any(|(other, _)| other == key) {
+            return Err(error(
+                if path.is_empty() {
+                    "configuration"
+                } else {
+                    path
+                },
+                format!("duplicate key `{key}`"),
+            ));
+        }
+    }
+    Ok(members)
+}
+
+/// A map object (upstreams, models): (path of the entry, key, value).
+fn entries<'a>(path: &str, json: &'a Json) -> Result<Vec<(String, String, &'a Json)>, ConfigError> {
+    Ok(members(path, json)?
+        .iter()
+        .map(|(key, value)| (join(path, key), key.clone(), value))
+        .collect())
+}
+
+/// An object with exactly one of `choices` as its key.
+fn one_of<'a>(
+    path: &str,
+    json: &'a Json,
+    choices: &[&'static str],
+) -> Result<(&'static str, &'a Json), ConfigError> {
+    let members = members(path, json)?;
+    for (key, _) in members {
+        if !choices.contains(&key.as_str()) {
+            return Err(error(
+                join(path, key),
+                format!("unknown field `{key}`; expected one of {}", quoted(choices)),
+            ));
+        }
+    }
+    match members {
+        [(key, value)] => {
+            let choice = choices
+                .iter()
+                .find(|c| **c == key)
+                .copied()
+                .unwrap_or_default();
+            Ok((choice, value))
+        }
+        _ => Err(error(
+            path,
+            format!("must have exactly one of {}", quoted(choices)),
+        )),
+    }
+}
+
+fn array<'a>(path: &str, json: &'a Json) -> Result<&'a [Json], ConfigError> {
+    match json {
+        Json::Array(items) => Ok(items),
+        other => Err(error(
+            path,
+            format!("expected an array, got {}", describe(other)),
+        )),
+    }
+}
+
+fn string(path: &str, json: &Json) -> Result<String, ConfigError> {
+    match json {
+        Json::String(text) => Ok(text.clone()),
+        other => Err(error(
+            path,
+            format!("expected a string, got {}", describe(other)),
+        )),
+    }
+}
+
+fn describe(json: &Json) -> String {
+    match json {
+        Json::String(text) => format!(
+            "the string \"{}\"",
+            text.chars().take(40).collect::<String>()
+        ),
+        Json::Unsigned(n) => format!("the number {n}"),
+        Json::Number(n) => format!("the number {n}"),
+        other => other.kind().to_string(),
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn quoted(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -81,7 +81,9 @@ fn the_documented_example_loads() {
     assert_eq!(upstream.authority, "acme-west.openai.azure.com");
     assert_eq!(upstream.cluster, "azure_west");
     assert_eq!(upstream.api_version, "2024-10-21");
-    let UpstreamAuth::ApiKey(key) = &upstream.auth;
+    let UpstreamAuth::ApiKey(key) = &upstream.auth else {
+        panic!("api key expected")
+    };
     assert_eq!(key.expose(), "west-secret");
 
     let (index, model) = config.model("gpt-4o").unwrap();
@@ -121,7 +123,9 @@ fn inline_secret_value() {
         json!({"api_key": {"value": "inline"}}),
     );
     let config = load(&value).unwrap();
-    let UpstreamAuth::ApiKey(key) = &config.upstreams[0].auth;
+    let UpstreamAuth::ApiKey(key) = &config.upstreams[0].auth else {
+        panic!("api key expected")
+    };
     assert_eq!(key.expose(), "inline");
 }
 
@@ -183,7 +187,10 @@ fn refuses_unknown_fields_with_their_path() {
     );
     let message = refused(value);
     assert!(
-        message.starts_with("upstreams.west.auth: unknown variant `apikey`"),
+        message.starts_with(
+            "upstreams.west.auth.apikey: unknown field `apikey`; \
+             expected one of `api_key`, `entra`, `managed_identity`"
+        ),
         "{message}"
     );
 
@@ -194,7 +201,7 @@ fn refuses_unknown_fields_with_their_path() {
     );
     let message = refused(value);
     assert!(
-        message.starts_with("upstreams.west.auth.api_key: unknown variant `file`"),
+        message.starts_with("upstreams.west.auth.api_key.file: unknown field `file`"),
         "{message}"
     );
 }
@@ -220,11 +227,26 @@ fn refuses_wrong_types() {
     let value = with(base(), "/callers/0/models", json!("gpt-4o"));
     let message = refused(value);
     assert!(
-        message.starts_with("callers[0].models: invalid type: string"),
+        message == "callers[0].models: expected an array, got the string \"gpt-4o\"",
         "{message}"
     );
     let value = with(base(), "/max_request_body_bytes", json!(-1));
-    assert!(refused(value).starts_with("max_request_body_bytes: invalid value"));
+    assert_eq!(
+        refused(value),
+        "max_request_body_bytes: expected a whole number of 0 or more, got the number -1"
+    );
+    let value = with(base(), "/upstreams/west/cluster", json!(null));
+    assert_eq!(
+        refused(value),
+        "upstreams.west.cluster: expected a string, got null"
+    );
+    let value = with(base(), "/upstreams/west", json!([]));
+    assert_eq!(
+        refused(value),
+        "upstreams.west: expected an object, got an array"
+    );
+    let value = with(base(), "/upstreams/west/auth", json!({}));
+    assert!(refused(value).starts_with("upstreams.west.auth: must have exactly one of `api_key`"));
 }
 
 #[test]
@@ -454,4 +476,277 @@ fn parses_hash_bytes() {
     let config = load(&base()).unwrap();
     assert_eq!(config.callers[1].key_sha256[0], 0x01);
     assert_eq!(config.callers[1].key_sha256[31], 0xef);
+}
+
+// ---------------------------------------------------------------- tokens
+
+const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";
+
+fn entra(extra: Value) -> Value {
+    let mut auth = json!({
+        "tenant_id": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+        "client_id": CLIENT_ID,
+        "client_secret": { "env": "AZURE_WEST_KEY" },
+        "token_cluster": "entra"
+    });
+    auth.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    with(base(), "/upstreams/west/auth", json!({ "entra": auth }))
+}
+
+fn managed(extra: Value) -> Value {
+    let mut auth = json!({ "imds_cluster": "imds" });
+    auth.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    with(
+        base(),
+        "/upstreams/west/auth",
+        json!({ "managed_identity": auth }),
+    )
+}
+
+fn form(credential: &Credential) -> String {
+    credential
+        .request
+        .body
+        .as_ref()
+        .unwrap()
+        .expose()
+        .to_string()
+}
+
+#[test]
+fn entra_credential_defaults_to_the_public_cloud() {
+    let config = load(&entra(json!({}))).unwrap();
+    assert!(matches!(config.upstreams[0].auth, UpstreamAuth::Token(0)));
+    let credential = &config.credentials[0];
+    assert_eq!(credential.label, "west");
+    assert_eq!(credential.cluster, "entra");
+    assert_eq!(credential.timeout_ms, 5_000);
+    assert_eq!(credential.max_wait_ms, 10_000);
+    let request = &credential.request;
+    assert_eq!(request.method, "POST");
+    assert_eq!(request.authority, "login.microsoftonline.com");
+    assert_eq!(
+        request.path,
+        "/72f988bf-86f1-41af-91ab-2d7cd011db47/oauth2/v2.0/token"
+    );
+    assert!(request
+        .headers
+        .contains(&("content-type", "application/x-www-form-urlencoded")));
+    assert_eq!(
+        form(credential),
+        format!(
+            "grant_type=client_credentials&client_id={CLIENT_ID}&client_secret=west-secret\
+             &scope=https%3A%2F%2Fcognitiveservices.azure.com%2F.default"
+        )
+    );
+    assert!(credential
+        .shared_key
+        .starts_with("azure-openai-filter.token."));
+    assert!(!format!("{config:?}").contains("west-secret"));
+}
+
+#[test]
+fn sovereign_clouds_set_authority_and_scope() {
+    let config = load(&entra(json!({ "cloud": "usgov" }))).unwrap();
+    assert_eq!(
+        config.credentials[0].request.authority,
+        "login.microsoftonline.us"
+    );
+    assert!(form(&config.credentials[0])
+        .ends_with("scope=https%3A%2F%2Fcognitiveservices.azure.us%2F.default"));
+    let config = load(&entra(json!({ "cloud": "china" }))).unwrap();
+    assert_eq!(
+        config.credentials[0].request.authority,
+        "login.chinacloudapi.cn"
+    );
+    assert!(form(&config.credentials[0])
+        .ends_with("scope=https%3A%2F%2Fcognitiveservices.azure.cn%2F.default"));
+    let message = refused(entra(json!({ "cloud": "mars" })));
+    assert!(
+        message.starts_with("upstreams.west.auth.entra.cloud: unknown cloud `mars`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn authority_host_and_scope_overrides() {
+    let config = load(&entra(json!({
+        "authority_host": "http://127.0.0.1:9000",
+        "scope": "api://custom/.default",
+        "timeout_ms": 800,
+        "max_wait_ms": 0
+    })))
+    .unwrap();
+    let credential = &config.credentials[0];
+    assert_eq!(credential.request.authority, "127.0.0.1:9000");
+    assert!(form(credential).ends_with("scope=api%3A%2F%2Fcustom%2F.default"));
+    assert_eq!((credential.timeout_ms, credential.max_wait_ms), (800, 0));
+}
+
+#[test]
+fn client_secret_is_form_encoded() {
+    let value = with(
+        entra(json!({})),
+        "/upstreams/west/auth/entra/client_secret",
+        json!({"value": "a+b&c=d~e f"}),
+    );
+    let config = load(&value).unwrap();
+    assert!(form(&config.credentials[0]).contains("&client_secret=a%2Bb%26c%3Dd~e%20f&"));
+}
+
+#[test]
+fn entra_refusals_name_the_field() {
+    for (extra, expected) in [
+        (
+            json!({ "client_id": "not-a-guid" }),
+            "upstreams.west.auth.entra.client_id: `not-a-guid` is not a GUID",
+        ),
+        (
+            json!({ "tenant_id": "common" }),
+            "upstreams.west.auth.entra.tenant_id: `common` cannot issue",
+        ),
+        (
+            json!({ "tenant_id": "a/b" }),
+            "upstreams.west.auth.entra.tenant_id: `a/b` is not a tenant",
+        ),
+        (
+            json!({ "client_secret": { "env": "NOPE" } }),
+            "upstreams.west.auth.entra.client_secret.env: environment variable `NOPE`",
+        ),
+        (
+            json!({ "token_cluster": "" }),
+            "upstreams.west.auth.entra.token_cluster: must be the name",
+        ),
+        (
+            json!({ "authority_host": "https://login.microsoftonline.com/tenant" }),
+            "upstreams.west.auth.entra.authority_host: must be an origin",
+        ),
+        (
+            json!({ "scope": " " }),
+            "upstreams.west.auth.entra.scope: must be non-empty",
+        ),
+        (
+            json!({ "timeout_ms": 0 }),
+            "upstreams.west.auth.entra.timeout_ms: 0 is outside",
+        ),
+        (
+            json!({ "max_wait_ms": 999999 }),
+            "upstreams.west.auth.entra.max_wait_ms: 999999 is outside",
+        ),
+        (
+            json!({ "secret": "x" }),
+            "upstreams.west.auth.entra.secret: unknown field `secret`",
+        ),
+    ] {
+        let message = refused(entra(extra));
+        assert!(message.starts_with(expected), "{message}");
+    }
+    let value = entra(json!({}));
+    let mut value = value;
+    value["upstreams"]["west"]["auth"]["entra"]
+        .as_object_mut()
+        .unwrap()
+        .remove("token_cluster");
+    assert!(refused(value).starts_with("upstreams.west.auth.entra: missing field `token_cluster`"));
+}
+
+#[test]
+fn managed_identity_request() {
+    let config = load(&managed(json!({}))).unwrap();
+    let request = &config.credentials[0].request;
+    assert_eq!(request.method, "GET");
+    assert_eq!(request.authority, "169.254.169.254");
+    assert_eq!(
+        request.path,
+        "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fcognitiveservices.azure.com%2F"
+    );
+    assert_eq!(request.headers, vec![("metadata", "true")]);
+    assert!(request.body.is_none());
+
+    let config = load(&managed(
+        json!({ "client_id": CLIENT_ID, "cloud": "usgov" }),
+    ))
+    .unwrap();
+    assert_eq!(
+        config.credentials[0].request.path,
+        format!("/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fcognitiveservices.azure.us%2F&client_id={CLIENT_ID}")
+    );
+    let id = "/subscriptions/s/resourceGroups/g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/gw";
+    let config = load(&managed(json!({ "msi_res_id": id }))).unwrap();
+    assert!(config.credentials[0].request.path.ends_with("&msi_res_id=%2Fsubscriptions%2Fs%2FresourceGroups%2Fg%2Fproviders%2FMicrosoft.ManagedIdentity%2FuserAssignedIdentities%2Fgw"));
+}
+
+#[test]
+fn managed_identity_refusals() {
+    let message = refused(managed(
+        json!({ "client_id": CLIENT_ID, "object_id": CLIENT_ID }),
+    ));
+    assert!(
+        message.starts_with(
+            "upstreams.west.auth.managed_identity.object_id: choose the identity with one of"
+        ),
+        "{message}"
+    );
+    let message = refused(managed(json!({ "object_id": "x" })));
+    assert!(
+        message.starts_with("upstreams.west.auth.managed_identity.object_id: `x` is not a GUID"),
+        "{message}"
+    );
+    let message = refused(managed(json!({ "msi_res_id": "gw" })));
+    assert!(
+        message.starts_with("upstreams.west.auth.managed_identity.msi_res_id: must be"),
+        "{message}"
+    );
+    let message = refused(with(
+        base(),
+        "/upstreams/west/auth",
+        json!({ "managed_identity": {} }),
+    ));
+    assert!(
+        message.contains("missing field `imds_cluster`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn upstreams_with_one_identity_share_one_credential() {
+    let mut value = entra(json!({}));
+    let west = value["upstreams"]["west"].clone();
+    let mut east = west.clone();
+    east["cluster"] = json!("azure_east");
+    east["endpoint"] = json!("acme-east");
+    value["upstreams"]["east"] = east;
+    let mut north = west;
+    north["auth"]["entra"]["client_id"] = json!("99999999-2222-3333-4444-555555555555");
+    value["upstreams"]["north"] = north;
+    let config = load(&value).unwrap();
+    assert_eq!(config.credentials.len(), 2);
+    assert_eq!(config.credentials[0].label, "east, west");
+    assert_eq!(config.credentials[1].label, "north");
+    assert_ne!(
+        config.credentials[0].shared_key,
+        config.credentials[1].shared_key
+    );
+}
+
+#[test]
+fn shared_key_changes_with_the_identity() {
+    let a = load(&entra(json!({}))).unwrap();
+    let b = load(&entra(json!({ "scope": "api://other/.default" }))).unwrap();
+    let c = load(&with(
+        entra(json!({})),
+        "/upstreams/west/auth/entra/client_secret",
+        json!({"value": "rotated"}),
+    ))
+    .unwrap();
+    assert_ne!(a.credentials[0].shared_key, b.credentials[0].shared_key);
+    assert_ne!(a.credentials[0].shared_key, c.credentials[0].shared_key);
+    assert_eq!(
+        a.credentials[0].shared_key,
+        load(&entra(json!({}))).unwrap().credentials[0].shared_key
+    );
 }

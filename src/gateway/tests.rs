@@ -2,6 +2,7 @@ use super::*;
 use crate::headers::Header;
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 
 fn hash(key: &str) -> String {
     Sha256::digest(key.as_bytes())
@@ -239,6 +240,10 @@ fn body_errors_surface_as_400() {
     }
 }
 
+fn set<'a>(name: &'a str, value: &'a [u8]) -> HeaderEdit<'a> {
+    HeaderEdit::Set(Cow::Borrowed(name), Cow::Borrowed(value))
+}
+
 #[test]
 fn header_edits_swap_credentials_and_route() {
     let config = config();
@@ -252,17 +257,17 @@ fn header_edits_swap_credentials_and_route() {
         (b"x-azure-openai-cluster", b"azure_east"),
     ];
     assert_eq!(
-        forward.header_edits(&config, &caller),
+        forward.header_edits(&config, &caller, None),
         vec![
+            // The caller's api-key is overwritten by the upstream's.
             HeaderEdit::Remove("authorization"),
-            HeaderEdit::Remove("api-key"),
-            HeaderEdit::Set(":authority", b"acme-west.openai.azure.com"),
-            HeaderEdit::Set(
+            set(":authority", b"acme-west.openai.azure.com"),
+            set(
                 ":path",
                 b"/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"
             ),
-            HeaderEdit::Set("x-azure-openai-cluster", b"azure_west"),
-            HeaderEdit::Set("api-key", b"west-secret"),
+            set("x-azure-openai-cluster", b"azure_west"),
+            set("api-key", b"west-secret"),
         ]
     );
 }
@@ -273,12 +278,58 @@ fn header_edits_remove_only_what_the_caller_sent() {
     let a = admitted(&config, "/v1/chat/completions", "key-a");
     let forward = route(&config, &a, br#"{"model":"gpt-4o-mini"}"#).unwrap();
     let caller: Vec<Header> = vec![(b"authorization", b"Bearer key-a")];
-    let edits = forward.header_edits(&config, &caller);
+    let edits = forward.header_edits(&config, &caller, None);
     assert_eq!(edits[0], HeaderEdit::Remove("authorization"));
     assert!(!edits.contains(&HeaderEdit::Remove("api-key")));
+    assert_eq!(edits.last(), Some(&set("api-key", b"east-secret")));
+    assert_eq!(forward.token_credential(), None);
+}
+
+fn token_config() -> Config {
+    let json = json!({
+        "upstreams": {
+            "west": {
+                "endpoint": "https://acme-west.openai.azure.com",
+                "cluster": "azure_west",
+                "auth": { "entra": {
+                    "tenant_id": "contoso.onmicrosoft.com",
+                    "client_id": "11111111-2222-3333-4444-555555555555",
+                    "client_secret": { "value": "s3cret" },
+                    "token_cluster": "entra"
+                } }
+            }
+        },
+        "models": { "gpt-4o": { "upstream": "west", "deployment": "gpt4o-prod" } },
+        "callers": [ { "name": "team-a", "key_sha256": hash("key-a"), "models": ["*"] } ]
+    });
+    Config::from_json(json.to_string().as_bytes(), &|_| None).unwrap()
+}
+
+#[test]
+fn token_upstreams_get_a_bearer_and_never_the_callers_authorization() {
+    let config = token_config();
+    let a = admitted(&config, "/v1/chat/completions", "key-a");
+    let forward = route(&config, &a, br#"{"model":"gpt-4o"}"#).unwrap();
+    assert_eq!(forward.token_credential(), Some(0));
+    let caller: Vec<Header> = vec![(b"authorization", b"Bearer key-a"), (b"api-key", b"key-a")];
+
+    let token = Secret::new("tok".into());
+    let edits = forward.header_edits(&config, &caller, Some(&token));
+    assert_eq!(edits[0], HeaderEdit::Remove("api-key"));
+    assert!(!edits.contains(&HeaderEdit::Remove("authorization")));
+    assert_eq!(edits.last(), Some(&set("authorization", b"Bearer tok")));
+
+    // Without the token yet: the caller's authorization is removed now,
+    // the bearer comes later.
+    let pending = forward.header_edits(&config, &caller, None);
+    assert!(pending.contains(&HeaderEdit::Remove("authorization")));
+    assert!(pending.contains(&HeaderEdit::Remove("api-key")));
+    assert!(!pending
+        .iter()
+        .any(|e| matches!(e, HeaderEdit::Set(n, _) if n == "authorization")));
     assert_eq!(
-        edits.last(),
-        Some(&HeaderEdit::Set("api-key", &b"east-secret"[..]))
+        bearer(&token),
+        set("authorization", b"Bearer tok").into_owned()
     );
 }
 

@@ -12,18 +12,28 @@ pub struct Status(pub u32);
 
 const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
+pub const CAS_MISMATCH: Status = Status(8);
 
 #[derive(Debug, Clone, Copy)]
 #[repr(u32)]
 pub enum HeaderMap {
     Request = 0,
+    CallResponse = 6,
 }
 
 #[derive(Debug, Clone, Copy)]
 #[repr(u32)]
 pub enum Buffer {
     RequestBody = 0,
+    CallResponseBody = 4,
     PluginConfiguration = 7,
+}
+
+#[derive(Debug, Clone, Copy)]
+#[repr(u32)]
+pub enum MetricType {
+    Counter = 0,
+    Gauge = 1,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -41,6 +51,13 @@ pub enum LogLevel {
 extern "C" {
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
     fn proxy_get_log_level(return_level: *mut u32) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
     fn proxy_get_header_map_pairs(
         map_type: u32,
         return_map_data: *mut *mut u8,
@@ -61,6 +78,31 @@ extern "C" {
         return_buffer_data: *mut *mut u8,
         return_buffer_size: *mut usize,
     ) -> u32;
+    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_define_metric(
+        metric_type: u32,
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> u32;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
     fn proxy_send_local_response(
         status_code: u32,
         status_code_details_data: *const u8,
@@ -112,6 +154,22 @@ pub fn log_level() -> LogLevel {
         (OK, 4) => LogLevel::Error,
         (OK, 5) => LogLevel::Critical,
         _ => LogLevel::Info,
+    }
+}
+
+/// One header's value as bytes; None when absent.
+pub fn get_header(map: HeaderMap, name: &str) -> Result<Option<Vec<u8>>, Status> {
+    let mut data = null_mut();
+    let mut size = 0;
+    // SAFETY: name is live; the host writes a buffer pointer and its length.
+    let status = unsafe {
+        proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size)
+    };
+    match status {
+        // SAFETY: on Ok the host returned a buffer it allocated in our memory.
+        OK => Ok(Some(unsafe { take_host_buffer(data, size) })),
+        NOT_FOUND => Ok(None),
+        other => Err(Status(other)),
     }
 }
 
@@ -177,4 +235,70 @@ pub fn send_local_response(status: u16, headers: &[Header<'_>], body: &[u8]) -> 
             -1,
         )
     })
+}
+
+/// Host time in milliseconds since the Unix epoch (0 if the host fails).
+pub fn now_ms() -> u64 {
+    let mut nanos = 0u64;
+    // SAFETY: the host writes one u64 through the pointer.
+    match unsafe { proxy_get_current_time_nanoseconds(&mut nanos) } {
+        OK => nanos / 1_000_000,
+        _ => 0,
+    }
+}
+
+/// Sets the tick period of this VM's root context (also from a request
+/// context, which belongs to that root).
+pub fn set_tick_period_ms(period: u32) -> Result<(), Status> {
+    // SAFETY: no pointers.
+    check(unsafe { proxy_set_tick_period_milliseconds(period) })
+}
+
+/// A value shared by every VM with this vm_id, and its CAS version.
+pub fn get_shared_data(key: &str) -> Result<Option<(Vec<u8>, u32)>, Status> {
+    let mut data = null_mut();
+    let mut size = 0;
+    let mut cas = 0;
+    // SAFETY: key is live; the host writes a buffer pointer, its length and the CAS.
+    let status =
+        unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
+    match status {
+        // SAFETY: on Ok the host returned a buffer it allocated in our memory.
+        OK => Ok(Some((unsafe { take_host_buffer(data, size) }, cas))),
+        NOT_FOUND => Ok(None),
+        other => Err(Status(other)),
+    }
+}
+
+/// Writes a shared value; with `cas` other than 0 only if the value is still
+/// at that version (else `CAS_MISMATCH`).
+pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
+    // SAFETY: both slices are live for the call.
+    check(unsafe {
+        proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
+    })
+}
+
+/// Makes later host calls act on another context of this VM (a held request).
+pub fn set_effective_context(context_id: u32) -> Result<(), Status> {
+    // SAFETY: no pointers.
+    check(unsafe { proxy_set_effective_context(context_id) })
+}
+
+/// Lets the effective context's request go on upstream.
+pub fn resume_request() -> Result<(), Status> {
+    // SAFETY: no pointers; 0 is the HTTP request stream.
+    check(unsafe { proxy_continue_stream(0) })
+}
+
+pub fn define_metric(kind: MetricType, name: &str) -> Result<u32, Status> {
+    let mut id = 0;
+    // SAFETY: name is live; the host writes one u32.
+    check(unsafe { proxy_define_metric(kind as u32, name.as_ptr(), name.len(), &mut id) })?;
+    Ok(id)
+}
+
+pub fn increment_metric(id: u32, offset: i64) -> Result<(), Status> {
+    // SAFETY: no pointers.
+    check(unsafe { proxy_increment_metric(id, offset) })
 }

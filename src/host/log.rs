@@ -39,6 +39,10 @@ pub fn info(args: Arguments<'_>) {
     log(LogLevel::Info, args);
 }
 
+pub fn warn(args: Arguments<'_>) {
+    log(LogLevel::Warn, args);
+}
+
 pub fn error(args: Arguments<'_>) {
     log(LogLevel::Error, args);
 }

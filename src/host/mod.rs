@@ -3,7 +3,9 @@
 mod abi;
 mod http;
 mod log;
+mod metrics;
 mod root;
+mod tokens;
 
 use proxy_wasm::traits::RootContext;
 
@@ -13,5 +15,5 @@ proxy_wasm::main! {{
     std::panic::set_hook(Box::new(|info| {
         abi::log(abi::LogLevel::Critical, &format!("azure-openai-filter panicked: {info}"));
     }));
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(root::Root::default()) });
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> { Box::new(root::Root::new(context_id)) });
 }}

@@ -1,22 +1,118 @@
-//! The root context: loads and validates the configuration, then hands each
-//! request context a shared reference to it.
+//! The root context: loads and validates the configuration, hands each
+//! request context a shared reference to it, and (when an upstream uses
+//! tokens) drives token fetches and the requests waiting for them.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 
-use super::abi::{self, Buffer};
-use super::http::Request;
+use super::abi::{self, Buffer, HeaderMap};
+use super::http::{apply_edits, send_error, Request};
 use super::log;
+use super::tokens::{Settlement, Tokens};
 use crate::config::Config;
+use crate::errors::ApiError;
+use crate::token::MAX_TOKEN_RESPONSE_BYTES;
 
-#[derive(Default)]
 pub struct Root {
+    id: u32,
     config: Option<Rc<Config>>,
+    tokens: Option<Rc<RefCell<Tokens>>>,
 }
 
-impl Context for Root {}
+impl Root {
+    pub fn new(id: u32) -> Self {
+        Root {
+            id,
+            config: None,
+            tokens: None,
+        }
+    }
+
+    /// Resumes or answers waiting requests. Runs with `Tokens` not
+    /// borrowed: resuming a request may call back into this VM.
+    fn carry_out(&mut self, settlements: Vec<Settlement>) {
+        for settlement in settlements {
+            let (context_id, outcome) = match settlement {
+                Settlement::Resume { context_id, edits } => {
+                    if abi::set_effective_context(context_id).is_err() {
+                        continue; // the request is gone
+                    }
+                    let resumed = apply_edits(&edits).and_then(|()| abi::resume_request());
+                    (
+                        context_id,
+                        resumed.map_err(|_| ApiError::internal("could not resume the request")),
+                    )
+                }
+                Settlement::Fail { context_id, error } => {
+                    if abi::set_effective_context(context_id).is_err() {
+                        continue;
+                    }
+                    (context_id, Err(error))
+                }
+            };
+            match outcome {
+                Ok(()) => log::debug(format_args!("request {context_id}: token ready, forwarded")),
+                Err(error) => {
+                    log::debug(format_args!(
+                        "request {context_id}: answered {} {}",
+                        error.status, error.code
+                    ));
+                    send_error(&error);
+                }
+            }
+        }
+        let _ = abi::set_effective_context(self.id);
+        self.schedule_tick();
+    }
+
+    /// Sets the tick period every time: a request that starts waiting
+    /// shortens it to be served at once, and this puts it back.
+    fn schedule_tick(&self) {
+        if let Some(tokens) = &self.tokens {
+            let _ = abi::set_tick_period_ms(tokens.borrow().tick_period_ms());
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        callout: u32,
+        num_headers: usize,
+        body_size: usize,
+        _: usize,
+    ) {
+        let Some(tokens) = self.tokens.clone() else {
+            return;
+        };
+        // No headers: the endpoint closed the connection mid-response.
+        let status = if num_headers == 0 {
+            None
+        } else {
+            abi::get_header(HeaderMap::CallResponse, ":status")
+                .ok()
+                .flatten()
+                .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok())
+        };
+        let body = if status.is_some() {
+            abi::get_buffer(
+                Buffer::CallResponseBody,
+                0,
+                body_size.min(MAX_TOKEN_RESPONSE_BYTES),
+            )
+            .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let settlements = tokens
+            .borrow_mut()
+            .on_response(callout, status, &body, abi::now_ms());
+        self.carry_out(settlements);
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
@@ -30,30 +126,51 @@ impl RootContext for Root {
                 return false;
             }
         };
-        match Config::from_json(&json, &|name| std::env::var(name).ok()) {
-            Ok(config) => {
-                log::info(format_args!(
-                    "azure-openai-filter {} configured: {} upstream(s), {} model(s), {} caller(s)",
-                    env!("CARGO_PKG_VERSION"),
-                    config.upstreams.len(),
-                    config.models.len(),
-                    config.callers.len()
-                ));
-                self.config = Some(Rc::new(config));
-                true
-            }
+        let config = match Config::from_json(&json, &|name| std::env::var(name).ok()) {
+            Ok(config) => Rc::new(config),
             Err(error) => {
                 // Returning false makes Envoy refuse the configuration.
                 log::error(format_args!(
                     "azure-openai-filter: configuration refused: {error}"
                 ));
-                false
+                return false;
             }
+        };
+        log::info(format_args!(
+            "azure-openai-filter {} configured: {} upstream(s), {} model(s), {} caller(s), {} token credential(s)",
+            env!("CARGO_PKG_VERSION"),
+            config.upstreams.len(),
+            config.models.len(),
+            config.callers.len(),
+            config.credentials.len()
+        ));
+        self.tokens = None;
+        if !config.credentials.is_empty() {
+            let seed = abi::now_ms() ^ (u64::from(self.id) << 32);
+            let tokens = Tokens::new(config.clone(), seed);
+            tokens.create_shared_entries();
+            self.tokens = Some(Rc::new(RefCell::new(tokens)));
+            // The first tick fetches tokens before traffic needs them.
+            self.schedule_tick();
         }
+        self.config = Some(config);
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(tokens) = self.tokens.clone() else {
+            return;
+        };
+        let settlements = tokens.borrow_mut().tick(abi::now_ms());
+        self.carry_out(settlements);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request::new(context_id, self.config.clone())))
+        Some(Box::new(Request::new(
+            context_id,
+            self.config.clone(),
+            self.tokens.clone(),
+        )))
     }
 
     fn get_type(&self) -> Option<ContextType> {

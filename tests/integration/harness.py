@@ -38,6 +38,7 @@ class Received:
     path: str
     headers: list  # [(lower-case name, value)] in arrival order
     body: bytes
+    at: float = 0.0  # time.monotonic() when it arrived
 
     def header(self, name):
         values = self.all(name)
@@ -50,11 +51,15 @@ class Received:
 @dataclass
 class Reply:
     """What an upstream answers: status, headers, and a body that is either
-    bytes or a list of chunks sent `chunk_delay` seconds apart."""
+    bytes or a list of chunks sent `chunk_delay` seconds apart. `delay`
+    waits before answering; `raw` is written as is and the connection closed
+    (a response cut short)."""
     status: int = 200
     headers: dict = field(default_factory=dict)
     body: object = b""
     chunk_delay: float = 0.0
+    delay: float = 0.0
+    raw: bytes = None
 
 
 def azure_chat_reply(request):
@@ -66,11 +71,20 @@ def azure_chat_reply(request):
     return Reply(200, {"content-type": "application/json"}, json.dumps(body).encode())
 
 
+class QuietServer(ThreadingHTTPServer):
+    """Does not print tracebacks for clients (Envoy) that hang up early."""
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 class RecordingUpstream:
     """An HTTP/1.1 server that records every request and answers with
     `self.responder(request) -> Reply` (Azure-shaped chat JSON by default)."""
 
-    def __init__(self, name="upstream"):
+    def __init__(self, name="upstream", port=0):
         self.name = name
         self.received = []
         self.responder = azure_chat_reply
@@ -92,13 +106,21 @@ class RecordingUpstream:
                 else:
                     body = b""
                 request = Received(self.command, self.path,
-                                   [(k.lower(), v) for k, v in self.headers.items()], body)
+                                   [(k.lower(), v) for k, v in self.headers.items()], body,
+                                   time.monotonic())
                 with outer._lock:
                     outer.received.append(request)
                 reply = outer.responder(request)
                 self.send(reply)
 
             def send(self, reply):
+                if reply.delay:
+                    time.sleep(reply.delay)
+                if reply.raw is not None:
+                    self.wfile.write(reply.raw)
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
                 self.send_response(reply.status)
                 for name, value in reply.headers.items():
                     for one in value if isinstance(value, list) else [value]:
@@ -119,7 +141,7 @@ class RecordingUpstream:
 
             do_GET = do_POST = do_PUT = do_DELETE = handle_one
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = QuietServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -248,7 +270,9 @@ class Envoy:
         self.args = [str(ENVOY), "-c", str(self.config_path),
                      "--concurrency", str(concurrency), "--disable-hot-restart",
                      "--admin-address-path", str(self.admin_path),
-                     "--log-level", log_level, "--log-path", str(self.log_path)]
+                     "--log-level", log_level, "--log-path", str(self.log_path),
+                     # Tests read the log while Envoy runs: flush it often.
+                     "--file-flush-interval-msec", "20"]
         if component_log_level:
             self.args += ["--component-log-level", component_log_level]
         self.process = None

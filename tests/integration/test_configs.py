@@ -47,6 +47,11 @@ BAD_CONFIGS = [
     ("empty deployment",
      broken(lambda c: c["models"]["gpt-4o"].update(deployment="")),
      "models.gpt-4o.deployment: must not be empty"),
+    ("entra client_id is not a GUID",
+     broken(lambda c: c["upstreams"]["west"].update(auth={"entra": {
+         "tenant_id": "contoso.onmicrosoft.com", "client_id": "my-app",
+         "client_secret": {"value": "s"}, "token_cluster": "entra"}})),
+     "upstreams.west.auth.entra.client_id: `my-app` is not a GUID"),
     ("endpoint with a path",
      broken(lambda c: c["upstreams"]["west"].update(endpoint="https://x.openai.azure.com/openai")),
      "upstreams.west.endpoint: must be an origin"),
@@ -108,7 +113,7 @@ def local_copy(example, tmp_path, upstream_port=None):
 
 def test_there_are_examples():
     names = {p.name for p in EXAMPLES}
-    assert {"demo.yaml", "production.yaml"} <= names
+    assert {"demo.yaml", "production.yaml", "entra.yaml", "managed-identity.yaml"} <= names
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
@@ -126,6 +131,24 @@ def test_production_example_serves(envoy_factory, tmp_path):
     response = httpx.post(envoy.url + "/v1/chat/completions", json={"model": "gpt-5"},
                           headers={"authorization": "Bearer replace-me-team-a-key"}, timeout=10)
     assert_openai_error(response, 404, "model_not_found")
+
+
+@pytest.mark.parametrize("example, reason", [
+    ("entra.yaml", "could not be reached"),
+    ("managed-identity.yaml", "the identity endpoint"),
+])
+def test_token_examples_serve_and_explain_an_unreachable_identity_endpoint(
+        envoy_factory, tmp_path, example, reason):
+    """Started as shipped (no network here): callers get 401 without a key,
+    and a 503 naming the identity endpoint's failure, within max_wait_ms."""
+    envoy = envoy_factory(local_copy(ROOT / "envoy" / example, tmp_path), env=EXAMPLE_ENV).start()
+    response = httpx.post(envoy.url + "/v1/chat/completions", json={"model": "gpt-4o"}, timeout=10)
+    assert_openai_error(response, 401, "missing_api_key")
+    response = httpx.post(envoy.url + "/v1/chat/completions", json={"model": "gpt-4o"},
+                          headers={"authorization": "Bearer replace-me-team-a-key"}, timeout=20)
+    error = assert_openai_error(response, 503, "token_unavailable")
+    assert reason in error["message"], error["message"]
+    assert "panicked" not in envoy.log()
 
 
 @pytest.fixture
