@@ -17,6 +17,7 @@ callbacks=(
   proxy_on_memory_allocate proxy_on_vm_start proxy_on_configure
   proxy_on_context_create proxy_on_delete
   proxy_on_request_headers proxy_on_request_body proxy_on_request_trailers
+  proxy_on_response_headers proxy_on_response_body
   proxy_on_tick proxy_on_http_call_response
 )
 

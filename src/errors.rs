@@ -149,6 +149,44 @@ impl ApiError {
         )
     }
 
+    pub fn invalid_multipart(detail: &str) -> Self {
+        Self::new(
+            400,
+            INVALID_REQUEST,
+            "invalid_multipart",
+            format!("We could not read the multipart/form-data body: {detail}."),
+        )
+    }
+
+    /// A stored response the caller cannot reach through this gateway (or
+    /// the gateway does not know where responses are stored).
+    pub fn response_not_found(id: &str) -> Self {
+        Self::new(
+            404,
+            INVALID_REQUEST,
+            "not_found",
+            format!(
+                "No response with id `{}` is available through this gateway.",
+                echo(id)
+            ),
+        )
+    }
+
+    /// Azure rejected the gateway's own credential for an upstream.
+    pub fn upstream_unauthorized(upstream: &str, detail: &str) -> Self {
+        Self::new(
+            401,
+            "authentication_error",
+            "upstream_unauthorized",
+            format!(
+                "Your key was accepted, but the Azure OpenAI resource behind upstream `{upstream}` \
+                 rejected the gateway's credential ({}). The gateway's operators need to fix its \
+                 upstream authentication.",
+                echo(detail)
+            ),
+        )
+    }
+
     pub fn missing_model() -> Self {
         Self::new(
             400,
@@ -346,5 +384,8 @@ mod tests {
         assert_eq!(ApiError::body_too_large(10).status, 413);
         assert_eq!(ApiError::internal("x").status, 500);
         assert_eq!(ApiError::token_unavailable("west", None, 10).status, 503);
+        assert_eq!(ApiError::invalid_multipart("x").status, 400);
+        assert_eq!(ApiError::response_not_found("r").status, 404);
+        assert_eq!(ApiError::upstream_unauthorized("west", "x").status, 401);
     }
 }

@@ -1,15 +1,21 @@
-//! The request pipeline, as two decisions the host layer asks for:
-//! [`admit`] on the request headers (before any body is read) and [`route`]
-//! once the whole body is in. Both answer with what to do, never do it.
+//! The request pipeline, as decisions the host layer asks for: [`admit`]
+//! on the request headers (before any body is read), [`plan`] for what can
+//! be decided without the body, [`route_body`] once the body is in, and
+//! the header edits of a forwarded request. They answer with what to do,
+//! never do it.
 
 use std::borrow::Cow;
 
+use serde::Serialize;
+
 use crate::auth::{authenticate, presented_key};
-use crate::body::find_model;
-use crate::config::{Config, Upstream, UpstreamAuth};
+use crate::body::{
+    boundary, find_field, json_model_edit, model_field, multipart_model_edit, BodyEdit, BodySource,
+};
+use crate::config::{Caller, Config, Model, Upstream, UpstreamAuth};
 use crate::errors::ApiError;
 use crate::headers::{self, Header};
-use crate::routes::{classify, Operation};
+use crate::routes::{classify, BodyFormat, Inbound, Operation};
 use crate::secret::Secret;
 
 /// The request headers the decisions need.
@@ -41,30 +47,32 @@ impl<'a> RequestHead<'a> {
     }
 }
 
-/// A request that passed the header checks and now needs its body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A request that passed the header checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admitted {
     pub caller: usize,
-    pub operation: Operation,
+    pub inbound: Inbound,
 }
 
-/// Header phase: operation, caller key, declared body size.
+/// Header phase: what the request is, whose key, declared body size.
 pub fn admit(config: &Config, head: &RequestHead<'_>) -> Result<Admitted, ApiError> {
-    let operation = classify(head.method, head.path)?;
+    let inbound = classify(head.method, head.path)?;
     if head.api_key_repeated {
         return Err(ApiError::repeated_api_key());
     }
     let key = presented_key(head.authorization, head.api_key)?;
     let caller = authenticate(&config.callers, key).ok_or_else(ApiError::invalid_api_key)?;
-    if let Some(length) = head.content_length.and_then(parse_content_length) {
-        if length > config.max_request_body_bytes as u64 {
-            return Err(ApiError::body_too_large(config.max_request_body_bytes));
+    if inbound.needs_body() {
+        if let Some(length) = head.content_length.and_then(parse_content_length) {
+            if length > config.max_request_body_bytes as u64 {
+                return Err(ApiError::body_too_large(config.max_request_body_bytes));
+            }
+        }
+        if !head.has_body {
+            return Err(ApiError::invalid_json("the request has no body"));
         }
     }
-    if !head.has_body {
-        return Err(ApiError::invalid_json("the request has no body"));
-    }
-    Ok(Admitted { caller, operation })
+    Ok(Admitted { caller, inbound })
 }
 
 /// Body phase, checked as chunks arrive: is the body still within the limit?
@@ -75,6 +83,26 @@ pub fn check_body_size(config: &Config, received: usize) -> Result<(), ApiError>
     Ok(())
 }
 
+/// What to do with an admitted request.
+#[derive(Debug)]
+pub enum Plan<'c> {
+    /// The gateway answers itself (the model list): status and JSON body.
+    Answer(u16, Vec<u8>),
+    /// Forward now; any body goes through untouched and unbuffered.
+    Forward(Forward<'c>),
+    /// Read the whole body, then [`route_body`].
+    ReadBody(Pending),
+}
+
+/// A request waiting for its body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub caller: usize,
+    pub op: Operation,
+    /// The model, when an Azure-style path named it.
+    pub model: Option<usize>,
+}
+
 /// Where an admitted request goes, and as whom.
 #[derive(Debug)]
 pub struct Forward<'c> {
@@ -82,41 +110,187 @@ pub struct Forward<'c> {
     /// The new `:path`, query included.
     pub path: String,
     pub caller: &'c str,
-    pub model: String,
-    pub deployment: &'c str,
+    /// The alias asked for and its deployment (None for stored responses).
+    pub model: Option<&'c Model>,
+    /// The body's `model` rewritten to the deployment, when the upstream
+    /// reads it from there.
+    pub body_edit: Option<BodyEdit>,
+    /// The body's length as received (to set `content-length` after an edit).
+    pub body_len: usize,
 }
 
-/// Body phase, once the body is complete: model, allowlist, upstream path.
-pub fn route<'c>(
-    config: &'c Config,
-    admitted: &Admitted,
-    body: &[u8],
-) -> Result<Forward<'c>, ApiError> {
-    let field = find_model(body)?;
-    let alias = field.value.as_ref();
+/// Header phase, after [`admit`].
+pub fn plan(config: &Config, admitted: Admitted) -> Result<Plan<'_>, ApiError> {
     let caller = config
         .caller(admitted.caller)
         .ok_or_else(|| ApiError::internal("unknown caller"))?;
-    let (_, model) = config
-        .model(alias)
-        .filter(|(index, _)| caller.may_use(*index))
-        .ok_or_else(|| ApiError::model_not_found(alias))?;
-    let upstream = config
-        .upstream(model.upstream)
-        .ok_or_else(|| ApiError::internal("unknown upstream"))?;
-    let path = format!(
-        "/openai/deployments/{}/{}?api-version={}",
-        model.deployment,
-        admitted.operation.azure_path(),
-        upstream.api_version
-    );
+    match admitted.inbound {
+        Inbound::ListModels => Ok(Plan::Answer(200, model_list(config, caller))),
+        Inbound::GetModel { id } => {
+            let (_, model) = resolve(config, caller, &id)?;
+            Ok(Plan::Answer(200, json_bytes(&ModelObject::of(model))))
+        }
+        Inbound::Model { op } => Ok(Plan::ReadBody(Pending {
+            caller: admitted.caller,
+            op,
+            model: None,
+        })),
+        Inbound::Deployment { op, alias } => {
+            let (index, model) = resolve(config, caller, &alias)?;
+            let upstream = upstream_of(config, model)?;
+            if upstream.model_in_body(op) {
+                return Ok(Plan::ReadBody(Pending {
+                    caller: admitted.caller,
+                    op,
+                    model: Some(index),
+                }));
+            }
+            Ok(Plan::Forward(Forward {
+                upstream,
+                path: upstream.operation_path(op, &model.deployment),
+                caller: &caller.name,
+                model: Some(model),
+                body_edit: None,
+                body_len: 0,
+            }))
+        }
+        Inbound::StoredResponse { id, tail, query } => {
+            // Stored responses live on one upstream; a caller reaches them
+            // if it may use a model there.
+            let upstream = config
+                .responses_upstream
+                .filter(|&u| config.models_of(caller).any(|m| m.upstream == u))
+                .and_then(|u| config.upstream(u))
+                .ok_or_else(|| ApiError::response_not_found(&id))?;
+            Ok(Plan::Forward(Forward {
+                upstream,
+                path: upstream.stored_response_path(&id, tail, &query),
+                caller: &caller.name,
+                model: None,
+                body_edit: None,
+                body_len: 0,
+            }))
+        }
+    }
+}
+
+/// Body phase, once the body is complete: model, allowlist, upstream path,
+/// and the body edit the upstream needs. `content_type` matters for
+/// multipart bodies.
+pub fn route_body<'c>(
+    config: &'c Config,
+    pending: &Pending,
+    body: &mut dyn BodySource,
+    content_type: Option<&[u8]>,
+) -> Result<Forward<'c>, ApiError> {
+    let caller = config
+        .caller(pending.caller)
+        .ok_or_else(|| ApiError::internal("unknown caller"))?;
+    let from_path = pending.model.and_then(|i| config.models.get(i));
+    let body_len = body.len();
+    let (model, body_edit) = match pending.op.body_format() {
+        BodyFormat::Json => {
+            let bytes = body.read(0, body_len)?;
+            let field = model_field(&bytes)?;
+            let model = match (from_path, &field) {
+                (Some(model), _) => model,
+                (None, Some(field)) => resolve(config, caller, &field.value)?.1,
+                (None, None) => return Err(ApiError::missing_model()),
+            };
+            let upstream = upstream_of(config, model)?;
+            let edit = upstream
+                .model_in_body(pending.op)
+                .then(|| json_model_edit(&bytes, field.as_ref(), &model.deployment));
+            (model, edit)
+        }
+        BodyFormat::Multipart => {
+            let boundary = boundary(content_type)?;
+            let field = find_field(body, &boundary, "model")?;
+            let model = match (from_path, &field) {
+                (Some(model), _) => model,
+                (None, Some(field)) => resolve(config, caller, &field.value)?.1,
+                (None, None) => {
+                    return Err(ApiError::invalid_multipart("the form has no `model` field"))
+                }
+            };
+            let upstream = upstream_of(config, model)?;
+            let edit = if upstream.model_in_body(pending.op) {
+                Some(multipart_model_edit(
+                    body,
+                    &boundary,
+                    field.as_ref(),
+                    &model.deployment,
+                )?)
+            } else {
+                None
+            };
+            (model, edit)
+        }
+    };
+    let upstream = upstream_of(config, model)?;
     Ok(Forward {
         upstream,
-        path,
+        path: upstream.operation_path(pending.op, &model.deployment),
         caller: &caller.name,
-        model: model.alias.clone(),
-        deployment: &model.deployment,
+        model: Some(model),
+        body_edit,
+        body_len,
     })
+}
+
+/// The model an alias names, if the caller may use it. Unknown and
+/// forbidden aliases get the same answer, so callers cannot probe.
+fn resolve<'c>(
+    config: &'c Config,
+    caller: &Caller,
+    alias: &str,
+) -> Result<(usize, &'c Model), ApiError> {
+    config
+        .model(alias)
+        .filter(|(index, _)| caller.may_use(*index))
+        .ok_or_else(|| ApiError::model_not_found(alias))
+}
+
+fn upstream_of<'c>(config: &'c Config, model: &Model) -> Result<&'c Upstream, ApiError> {
+    config
+        .upstream(model.upstream)
+        .ok_or_else(|| ApiError::internal("unknown upstream"))
+}
+
+/// OpenAI's model object, for the caller's own aliases.
+#[derive(Serialize)]
+struct ModelObject<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+}
+
+impl<'a> ModelObject<'a> {
+    fn of(model: &'a Model) -> Self {
+        ModelObject {
+            id: &model.alias,
+            object: "model",
+            created: 0,
+            owned_by: "azure-openai-filter",
+        }
+    }
+}
+
+fn model_list(config: &Config, caller: &Caller) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct List<'a> {
+        object: &'static str,
+        data: Vec<ModelObject<'a>>,
+    }
+    json_bytes(&List {
+        object: "list",
+        data: config.models_of(caller).map(ModelObject::of).collect(),
+    })
+}
+
+fn json_bytes(value: &impl Serialize) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
 }
 
 /// A change to the request headers before it goes upstream.
@@ -139,7 +313,7 @@ impl HeaderEdit<'_> {
     }
 }
 
-/// `Authorization: Bearer <token>` for a token upstream.
+/// `Authorization: Bearer <token>`.
 pub fn bearer(token: &Secret) -> HeaderEdit<'static> {
     let value = format!("Bearer {}", token.expose());
     HeaderEdit::Set(
@@ -157,16 +331,17 @@ impl Forward<'_> {
     pub fn token_credential(&self) -> Option<usize> {
         match self.upstream.auth {
             UpstreamAuth::Token(index) => Some(index),
-            UpstreamAuth::ApiKey(_) => None,
+            UpstreamAuth::ApiKey(_) | UpstreamAuth::Bearer(_) => None,
         }
     }
 
     /// The header edits, given the caller's headers: drop the caller's
     /// credentials, set authority, path and routing header (replacing any
-    /// value the caller sent in it), then the upstream's credential. For a
-    /// token upstream, `token` is the bearer token; without one the
-    /// caller's `authorization` is removed and the bearer is added later
-    /// (a request held until a token arrives).
+    /// value the caller sent in it), fix `content-length` after a body
+    /// edit, then add the upstream's credential. For a token upstream,
+    /// `token` is the bearer token; without one the caller's
+    /// `authorization` is removed and the bearer is added later (a request
+    /// held until a token arrives).
     ///
     /// Edits go to Envoy one by one: cheaper than rewriting the whole map,
     /// which makes Envoy remove and re-add every header.
@@ -181,6 +356,7 @@ impl Forward<'_> {
                 Cow::Borrowed("api-key"),
                 Cow::Borrowed(key.expose().as_bytes()),
             )),
+            (UpstreamAuth::Bearer(secret), _) => Some(bearer(secret)),
             (UpstreamAuth::Token(_), Some(token)) => Some(bearer(token)),
             (UpstreamAuth::Token(_), None) => None,
         };
@@ -188,7 +364,7 @@ impl Forward<'_> {
             Some(HeaderEdit::Set(name, _)) => name.as_ref(),
             _ => "",
         };
-        let mut edits = Vec::with_capacity(6);
+        let mut edits = Vec::with_capacity(7);
         for name in CALLER_CREDENTIAL_HEADERS {
             if name != overwritten && headers::first(caller, name).is_some() {
                 edits.push(HeaderEdit::Remove(name));
@@ -203,6 +379,15 @@ impl Forward<'_> {
         set(":authority", &self.upstream.authority);
         set(":path", &self.path);
         set(&config.cluster_header, &self.upstream.cluster);
+        if let Some(edit) = &self.body_edit {
+            if headers::first(caller, "content-length").is_some() {
+                let length = edit.new_len(self.body_len).to_string();
+                edits.push(HeaderEdit::Set(
+                    Cow::Borrowed("content-length"),
+                    Cow::Owned(length.into_bytes()),
+                ));
+            }
+        }
         edits.extend(credential);
         edits
     }

@@ -15,6 +15,7 @@ pub mod json;
 pub mod routes;
 pub mod secret;
 pub mod token;
+pub mod upstream_errors;
 
 #[cfg(target_arch = "wasm32")]
 mod host;

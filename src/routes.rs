@@ -1,4 +1,6 @@
-//! Which OpenAI operation an incoming request is, from its method and path.
+//! What an incoming request is, from its method and path: an OpenAI-style
+//! operation (model in the body), an Azure-style one (alias in the path), a
+//! stored response, or the model list.
 
 use crate::errors::ApiError;
 
@@ -7,97 +9,398 @@ pub enum Operation {
     ChatCompletions,
     Completions,
     Embeddings,
+    ImageGenerations,
+    ImageEdits,
+    AudioTranscriptions,
+    AudioTranslations,
+    AudioSpeech,
+    Responses,
+}
+
+/// How the body carries `model`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    Json,
+    /// multipart/form-data, `model` as a form field.
+    Multipart,
 }
 
 impl Operation {
-    /// The operation's path below `/openai/deployments/{deployment}/`.
-    pub fn azure_path(self) -> &'static str {
+    pub const ALL: [Operation; 9] = [
+        Operation::ChatCompletions,
+        Operation::Completions,
+        Operation::Embeddings,
+        Operation::ImageGenerations,
+        Operation::ImageEdits,
+        Operation::AudioTranscriptions,
+        Operation::AudioTranslations,
+        Operation::AudioSpeech,
+        Operation::Responses,
+    ];
+
+    /// The operation's path, the same below `/v1/`, `/openai/v1/` and
+    /// `/openai/deployments/{deployment}/`; also its key in `api_versions`.
+    pub fn name(self) -> &'static str {
         match self {
             Operation::ChatCompletions => "chat/completions",
             Operation::Completions => "completions",
             Operation::Embeddings => "embeddings",
+            Operation::ImageGenerations => "images/generations",
+            Operation::ImageEdits => "images/edits",
+            Operation::AudioTranscriptions => "audio/transcriptions",
+            Operation::AudioTranslations => "audio/translations",
+            Operation::AudioSpeech => "audio/speech",
+            Operation::Responses => "responses",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Operation> {
+        Operation::ALL.into_iter().find(|op| op.name() == name)
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn body_format(self) -> BodyFormat {
+        match self {
+            Operation::ImageEdits
+            | Operation::AudioTranscriptions
+            | Operation::AudioTranslations => BodyFormat::Multipart,
+            _ => BodyFormat::Json,
+        }
+    }
+
+    /// Azure serves it at the resource (`/openai/responses`), not under a
+    /// deployment: the deployment goes in the body's `model`.
+    pub fn resource_level(self) -> bool {
+        self == Operation::Responses
+    }
+}
+
+/// The part of a stored response's path after its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredTail {
+    /// GET or DELETE `/responses/{id}`.
+    Itself,
+    /// GET `/responses/{id}/input_items`.
+    InputItems,
+    /// POST `/responses/{id}/cancel`.
+    Cancel,
+}
+
+impl StoredTail {
+    pub fn suffix(self) -> &'static str {
+        match self {
+            StoredTail::Itself => "",
+            StoredTail::InputItems => "/input_items",
+            StoredTail::Cancel => "/cancel",
         }
     }
 }
 
-struct Route {
-    path: &'static str,
-    method: &'static str,
-    operation: Operation,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// `/v1/{op}` or `/openai/v1/{op}` (and Azure's `/openai/responses`):
+    /// the alias is the body's `model`.
+    Model {
+        op: Operation,
+    },
+    /// Azure-style `/openai/deployments/{alias}/{op}`.
+    Deployment {
+        op: Operation,
+        alias: String,
+    },
+    /// A response stored by the Responses API.
+    StoredResponse {
+        id: String,
+        tail: StoredTail,
+        /// The caller's query string without `api-version` (pagination of
+        /// input items, `include[]`, ...).
+        query: String,
+    },
+    ListModels,
+    GetModel {
+        id: String,
+    },
 }
 
-const ROUTES: &[Route] = &[
-    Route {
-        path: "/v1/chat/completions",
-        method: "POST",
-        operation: Operation::ChatCompletions,
-    },
-    Route {
-        path: "/v1/completions",
-        method: "POST",
-        operation: Operation::Completions,
-    },
-    Route {
-        path: "/v1/embeddings",
-        method: "POST",
-        operation: Operation::Embeddings,
-    },
-];
+impl Inbound {
+    /// Whether the request must carry a body.
+    pub fn needs_body(&self) -> bool {
+        matches!(self, Inbound::Model { .. } | Inbound::Deployment { .. })
+    }
+}
 
 /// Classifies a request; unknown paths get 404 and known paths with another
-/// method get 405. The query string plays no part (and is not forwarded).
-pub fn classify(method: &[u8], path_and_query: &[u8]) -> Result<Operation, ApiError> {
-    let path = path_and_query
-        .split(|&b| b == b'?')
-        .next()
-        .unwrap_or(path_and_query);
-    let route = ROUTES
-        .iter()
-        .find(|route| route.path.as_bytes() == path)
-        .ok_or_else(|| ApiError::unknown_url(method, path))?;
-    if route.method.as_bytes() != method {
-        return Err(ApiError::method_not_allowed(
-            method,
-            route.path,
-            route.method,
-        ));
+/// method get 405. Except for stored responses, the caller's query string
+/// plays no part and is not forwarded.
+pub fn classify(method: &[u8], path_and_query: &[u8]) -> Result<Inbound, ApiError> {
+    let (path, query) = match path_and_query.iter().position(|&b| b == b'?') {
+        Some(at) => path_and_query.split_at(at),
+        None => (path_and_query, &b""[..]),
+    };
+    let unknown = || ApiError::unknown_url(method, path);
+    let Ok(text) = std::str::from_utf8(path) else {
+        return Err(unknown());
+    };
+    let (inbound, allowed) = match_path(text, query).ok_or_else(unknown)?;
+    if !allowed.split(", ").any(|m| m.as_bytes() == method) {
+        return Err(ApiError::method_not_allowed(method, text, allowed));
     }
-    Ok(route.operation)
+    Ok(inbound)
+}
+
+/// The request a path names, and the methods it takes.
+fn match_path(path: &str, query: &[u8]) -> Option<(Inbound, &'static str)> {
+    // The OpenAI prefixes: /v1/ (OpenAI SDKs) and /openai/v1/ (Azure's v1 API).
+    let rest = path
+        .strip_prefix("/v1/")
+        .or_else(|| path.strip_prefix("/openai/v1/"));
+    if let Some(rest) = rest {
+        return match_openai_path(rest, query);
+    }
+    let rest = path.strip_prefix("/openai/")?;
+    if let Some(rest) = rest.strip_prefix("deployments/") {
+        let (alias, op) = rest.split_once('/')?;
+        let op = Operation::from_name(op).filter(|op| !op.resource_level())?;
+        let alias = percent_decode(alias)?;
+        return (!alias.is_empty()).then_some((Inbound::Deployment { op, alias }, "POST"));
+    }
+    // Azure's resource-level paths: /openai/responses[/...], /openai/models[/...].
+    let resource_level = rest == "responses"
+        || rest == "models"
+        || rest.starts_with("responses/")
+        || rest.starts_with("models/");
+    resource_level
+        .then(|| match_openai_path(rest, query))
+        .flatten()
+}
+
+fn match_openai_path(rest: &str, query: &[u8]) -> Option<(Inbound, &'static str)> {
+    if let Some(op) = Operation::from_name(rest) {
+        return Some((Inbound::Model { op }, "POST"));
+    }
+    if rest == "models" {
+        return Some((Inbound::ListModels, "GET"));
+    }
+    if let Some(id) = rest.strip_prefix("models/") {
+        let id = percent_decode(id).filter(|id| !id.is_empty())?;
+        return Some((Inbound::GetModel { id }, "GET"));
+    }
+    let stored = rest.strip_prefix("responses/")?;
+    let (id, tail, methods) = match stored.split_once('/') {
+        None => (stored, StoredTail::Itself, "GET, DELETE"),
+        Some((id, "input_items")) => (id, StoredTail::InputItems, "GET"),
+        Some((id, "cancel")) => (id, StoredTail::Cancel, "POST"),
+        Some(_) => return None,
+    };
+    let id_ok = !id.is_empty()
+        && id.len() <= 256
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    id_ok.then(|| {
+        let inbound = Inbound::StoredResponse {
+            id: id.to_string(),
+            tail,
+            query: without_api_version(query),
+        };
+        (inbound, methods)
+    })
+}
+
+/// The query string (with its `?`) minus any `api-version` parameter.
+fn without_api_version(query: &[u8]) -> String {
+    let query = String::from_utf8_lossy(query.strip_prefix(b"?").unwrap_or(query)).into_owned();
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .filter(|pair| pair.split('=').next() != Some("api-version"))
+        .filter(|pair| pair.bytes().all(|b| b.is_ascii_graphic() && b != b'#'))
+        .collect();
+    if kept.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", kept.join("&"))
+    }
+}
+
+/// `%XX` escapes decoded; None for a bad escape or non-UTF-8 result.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn post(path: &str) -> Result<Inbound, ApiError> {
+        classify(b"POST", path.as_bytes())
+    }
+
     #[test]
-    fn known_operations() {
+    fn openai_paths_for_every_operation() {
+        for op in Operation::ALL {
+            assert_eq!(
+                post(&format!("/v1/{}", op.name())),
+                Ok(Inbound::Model { op })
+            );
+            assert_eq!(
+                post(&format!("/openai/v1/{}", op.name())),
+                Ok(Inbound::Model { op })
+            );
+        }
         assert_eq!(
-            classify(b"POST", b"/v1/chat/completions"),
-            Ok(Operation::ChatCompletions)
-        );
-        assert_eq!(
-            classify(b"POST", b"/v1/completions"),
-            Ok(Operation::Completions)
-        );
-        assert_eq!(
-            classify(b"POST", b"/v1/embeddings"),
-            Ok(Operation::Embeddings)
+            post("/v1/chat/completions?api-version=1&x=y"),
+            Ok(Inbound::Model {
+                op: Operation::ChatCompletions
+            })
         );
     }
 
     #[test]
-    fn query_is_ignored() {
+    fn azure_deployment_paths() {
         assert_eq!(
-            classify(b"POST", b"/v1/chat/completions?api-version=1&x=y"),
-            Ok(Operation::ChatCompletions)
+            post("/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"),
+            Ok(Inbound::Deployment {
+                op: Operation::ChatCompletions,
+                alias: "gpt-4o".into()
+            })
+        );
+        assert_eq!(
+            post("/openai/deployments/whisper/audio/transcriptions"),
+            Ok(Inbound::Deployment {
+                op: Operation::AudioTranscriptions,
+                alias: "whisper".into()
+            })
+        );
+        assert_eq!(
+            post("/openai/deployments/my%20model/embeddings"),
+            Ok(Inbound::Deployment {
+                op: Operation::Embeddings,
+                alias: "my model".into()
+            })
+        );
+        // Responses live at the resource, not under a deployment.
+        assert_eq!(
+            post("/openai/deployments/gpt-4o/responses")
+                .unwrap_err()
+                .status,
+            404
+        );
+        assert_eq!(
+            post("/openai/deployments//chat/completions")
+                .unwrap_err()
+                .status,
+            404
+        );
+        assert_eq!(post("/openai/deployments/gpt-4o").unwrap_err().status, 404);
+        assert_eq!(
+            post("/openai/responses?api-version=2025-04-01-preview"),
+            Ok(Inbound::Model {
+                op: Operation::Responses
+            })
         );
     }
 
     #[test]
-    fn azure_paths() {
-        assert_eq!(Operation::ChatCompletions.azure_path(), "chat/completions");
-        assert_eq!(Operation::Completions.azure_path(), "completions");
-        assert_eq!(Operation::Embeddings.azure_path(), "embeddings");
+    fn stored_responses() {
+        let get = classify(
+            b"GET",
+            b"/v1/responses/resp_abc-1?include[]=x&api-version=1",
+        )
+        .unwrap();
+        assert_eq!(
+            get,
+            Inbound::StoredResponse {
+                id: "resp_abc-1".into(),
+                tail: StoredTail::Itself,
+                query: "?include[]=x".into()
+            }
+        );
+        assert!(classify(b"DELETE", b"/openai/responses/resp_1").is_ok());
+        assert!(matches!(
+            classify(b"GET", b"/openai/v1/responses/resp_1/input_items?limit=2"),
+            Ok(Inbound::StoredResponse { tail: StoredTail::InputItems, ref query, .. }) if query == "?limit=2"
+        ));
+        assert!(matches!(
+            post("/v1/responses/resp_1/cancel"),
+            Ok(Inbound::StoredResponse {
+                tail: StoredTail::Cancel,
+                ..
+            })
+        ));
+        let error = classify(b"PUT", b"/v1/responses/resp_1").unwrap_err();
+        assert_eq!(error.status, 405);
+        assert_eq!(error.headers, vec![("allow", "GET, DELETE".to_string())]);
+        assert_eq!(
+            classify(b"GET", b"/v1/responses/../x").unwrap_err().status,
+            404
+        );
+        assert_eq!(
+            classify(b"GET", b"/v1/responses/resp_1/other")
+                .unwrap_err()
+                .status,
+            404
+        );
+        assert_eq!(classify(b"GET", b"/v1/responses/").unwrap_err().status, 404);
+    }
+
+    #[test]
+    fn models() {
+        assert_eq!(classify(b"GET", b"/v1/models"), Ok(Inbound::ListModels));
+        assert_eq!(
+            classify(b"GET", b"/openai/models?api-version=x"),
+            Ok(Inbound::ListModels)
+        );
+        assert_eq!(
+            classify(b"GET", b"/v1/models/meta%2Fllama-3"),
+            Ok(Inbound::GetModel {
+                id: "meta/llama-3".into()
+            })
+        );
+        assert_eq!(
+            classify(b"GET", b"/v1/models/org/model"),
+            Ok(Inbound::GetModel {
+                id: "org/model".into()
+            })
+        );
+        assert_eq!(classify(b"POST", b"/v1/models").unwrap_err().status, 405);
+        assert_eq!(classify(b"GET", b"/v1/models/%zz").unwrap_err().status, 404);
+    }
+
+    #[test]
+    fn body_formats() {
+        assert_eq!(Operation::ChatCompletions.body_format(), BodyFormat::Json);
+        assert_eq!(Operation::AudioSpeech.body_format(), BodyFormat::Json);
+        assert_eq!(
+            Operation::AudioTranscriptions.body_format(),
+            BodyFormat::Multipart
+        );
+        assert_eq!(
+            Operation::AudioTranslations.body_format(),
+            BodyFormat::Multipart
+        );
+        assert_eq!(Operation::ImageEdits.body_format(), BodyFormat::Multipart);
+        assert_eq!(
+            Operation::from_name("images/generations"),
+            Some(Operation::ImageGenerations)
+        );
+        assert_eq!(Operation::from_name("chat"), None);
     }
 
     #[test]
@@ -108,6 +411,9 @@ mod tests {
             b"/chat/completions",
             b"/v1/CHAT/completions",
             b"/v1/chat%2Fcompletions",
+            b"/v1/assistants",
+            b"/openai/files",
+            b"/openai/chat/completions",
             b"/",
             b"",
             b"/v1/\xff",
@@ -131,5 +437,12 @@ mod tests {
             classify(b"post", b"/v1/embeddings").unwrap_err().status,
             405
         );
+    }
+
+    #[test]
+    fn needs_body() {
+        assert!(post("/v1/embeddings").unwrap().needs_body());
+        assert!(!classify(b"GET", b"/v1/models").unwrap().needs_body());
+        assert!(!classify(b"GET", b"/v1/responses/r").unwrap().needs_body());
     }
 }

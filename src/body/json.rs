@@ -8,6 +8,7 @@ use std::ops::Range;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+use super::BodyEdit;
 use crate::errors::ApiError;
 
 /// The `model` member of a request body.
@@ -24,6 +25,11 @@ pub struct ModelField<'a> {
 /// string `model`. Keys are compared after unescaping, and a second `model`
 /// key is refused: the upstream might read the other one.
 pub fn find_model(body: &[u8]) -> Result<ModelField<'_>, ApiError> {
+    model_field(body)?.ok_or_else(ApiError::missing_model)
+}
+
+/// As `find_model`, but a body without `model` is fine (None).
+pub fn model_field(body: &[u8]) -> Result<Option<ModelField<'_>>, ApiError> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
         return Err(match serde_json::from_slice::<IgnoredAny>(body) {
@@ -36,7 +42,9 @@ pub fn find_model(body: &[u8]) -> Result<ModelField<'_>, ApiError> {
     if members.models > 1 {
         return Err(ApiError::duplicate_model());
     }
-    let raw = members.model.ok_or_else(ApiError::missing_model)?.get();
+    let Some(raw) = members.model.map(RawValue::get) else {
+        return Ok(None);
+    };
     let start = (raw.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
     let span = start..start.wrapping_add(raw.len());
     if body.get(span.clone()) != Some(raw.as_bytes()) {
@@ -51,7 +59,40 @@ pub fn find_model(body: &[u8]) -> Result<ModelField<'_>, ApiError> {
         Some(b'n') => return Err(ApiError::model_not_string("null")),
         _ => return Err(ApiError::model_not_string("a number")),
     };
-    Ok(ModelField { value, span })
+    Ok(Some(ModelField { value, span }))
+}
+
+/// Puts `deployment` in the body's `model`: the literal replaced, or (when
+/// the body has none) a `model` member added first.
+pub fn json_model_edit(body: &[u8], field: Option<&ModelField<'_>>, deployment: &str) -> BodyEdit {
+    let literal = serde_json::to_string(deployment).unwrap_or_else(|_| "\"\"".into());
+    match field {
+        Some(field) => {
+            let mut with = body.get(..field.span.start).unwrap_or_default().to_vec();
+            with.extend_from_slice(literal.as_bytes());
+            BodyEdit {
+                replace: field.span.end,
+                with,
+            }
+        }
+        None => {
+            let open = body.iter().position(|&b| b == b'{').unwrap_or(0);
+            let empty = body
+                .get(open + 1..)
+                .and_then(|rest| rest.iter().find(|b| !b.is_ascii_whitespace()))
+                == Some(&b'}');
+            let mut with = body.get(..=open).unwrap_or(b"{").to_vec();
+            with.extend_from_slice(b"\"model\":");
+            with.extend_from_slice(literal.as_bytes());
+            if !empty {
+                with.push(b',');
+            }
+            BodyEdit {
+                replace: open + 1,
+                with,
+            }
+        }
+    }
 }
 
 fn string_value(literal: &str) -> Result<Cow<'_, str>, ApiError> {
@@ -247,6 +288,40 @@ mod tests {
         assert_eq!(model(&body), "m");
         let body = format!(r#"{{"model":{deep}}}"#);
         assert_eq!(code(body.as_bytes()), "invalid_type");
+    }
+
+    fn apply(body: &str, edit: &BodyEdit) -> String {
+        let mut out = edit.with.clone();
+        out.extend_from_slice(&body.as_bytes()[edit.replace..]);
+        assert_eq!(out.len(), edit.new_len(body.len()));
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn rewrites_the_model_literal_only() {
+        let body = r#"{"input":"hi","model" : "gpt-4o","stream":true}"#;
+        let field = find_model(body.as_bytes()).unwrap();
+        let edit = json_model_edit(body.as_bytes(), Some(&field), "dep\"1");
+        assert_eq!(
+            apply(body, &edit),
+            r#"{"input":"hi","model" : "dep\"1","stream":true}"#
+        );
+        assert_eq!(edit.replace, field.span.end);
+    }
+
+    #[test]
+    fn adds_a_model_when_there_is_none() {
+        for (body, expected) in [
+            (r#"{"input":"hi"}"#, r#"{"model":"dep","input":"hi"}"#),
+            (" { } ", r#" {"model":"dep" } "#),
+            ("{\n}", "{\"model\":\"dep\"\n}"),
+        ] {
+            assert_eq!(model_field(body.as_bytes()).unwrap(), None);
+            let edit = json_model_edit(body.as_bytes(), None, "dep");
+            let rewritten = apply(body, &edit);
+            assert_eq!(rewritten, expected);
+            assert_eq!(find_model(rewritten.as_bytes()).unwrap().value, "dep");
+        }
     }
 
     #[test]

@@ -63,6 +63,35 @@ pub fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
     Ok(Endpoint { scheme, host, port })
 }
 
+/// An origin with an optional base path (`http://vllm:8000/v1`), for
+/// OpenAI-compatible servers. The path comes back without a trailing `/`.
+pub fn parse_base_url(text: &str) -> Result<(Endpoint, String), String> {
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return Err(format!(
+            "`{text}` is not a URL like https://host[:port][/base/path]"
+        ));
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(at) => rest.split_at(at),
+        None => (rest, ""),
+    };
+    let path = path.trim_end_matches('/');
+    let path_ok = path
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~/".contains(&b))
+        && !path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+        && !path.contains("//");
+    if !path_ok {
+        return Err(format!(
+            "the base path `{path}` may hold only letters, digits, `-`, `.`, `_`, `~` and single `/`"
+        ));
+    }
+    let endpoint = parse_endpoint(&format!("{scheme}://{authority}"))?;
+    Ok((endpoint, path.to_string()))
+}
+
 fn parse_resource_name(name: &str) -> Result<Endpoint, String> {
     let valid = (2..=64).contains(&name.len())
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -185,6 +214,31 @@ mod tests {
         let e = ok("acme-west");
         assert_eq!(e.scheme, Scheme::Https);
         assert_eq!(e.authority(), "acme-west.openai.azure.com");
+    }
+
+    #[test]
+    fn base_urls_for_openai_compatible_servers() {
+        let (e, path) = parse_base_url("http://vllm.internal:8000/v1/").unwrap();
+        assert_eq!(
+            (e.authority().as_str(), path.as_str()),
+            ("vllm.internal:8000", "/v1")
+        );
+        let (e, path) = parse_base_url("https://api.example.com").unwrap();
+        assert_eq!(
+            (e.authority().as_str(), path.as_str()),
+            ("api.example.com", "")
+        );
+        assert_eq!(parse_base_url("https://h/a/b").unwrap().1, "/a/b");
+        for bad in [
+            "vllm:8000",
+            "https://h/a?b",
+            "https://h/../x",
+            "https://h/a//b",
+            "ftp://h/v1",
+            "https://u@h/v1",
+        ] {
+            assert!(parse_base_url(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -2,16 +2,20 @@
 //! into the structure every request reads. Each refusal names the JSON path
 //! of the offending field and says what to change.
 
+mod api_version;
 mod credential;
 mod endpoint;
 mod raw;
+mod upstream;
 
 use std::collections::BTreeMap;
 use std::fmt;
 
+pub use api_version::{DEFAULT_API_VERSION, DEFAULT_PREVIEW_API_VERSION};
 pub use credential::{Credential, TokenRequest, DEFAULT_MAX_WAIT_MS, DEFAULT_TOKEN_TIMEOUT_MS};
-pub use endpoint::{parse_endpoint, Endpoint, Scheme};
-use raw::{RawAuth, RawCaller, RawConfig, RawModel, RawSecret, RawUpstream};
+pub use endpoint::{parse_base_url, parse_endpoint, Endpoint, Scheme};
+use raw::{RawCaller, RawConfig, RawModel, RawSecret};
+pub use upstream::{Flavor, Upstream, UpstreamAuth};
 
 /// Looks up an environment variable of the Wasm VM.
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -19,7 +23,6 @@ type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 use crate::json::Json;
 use crate::secret::Secret;
 
-pub const DEFAULT_API_VERSION: &str = "2024-10-21";
 pub const DEFAULT_CLUSTER_HEADER: &str = "x-azure-openai-cluster";
 /// 32 MiB: above OpenAI's 25 MB upload limit, with room for multipart framing.
 pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -67,26 +70,9 @@ pub struct Config {
     pub callers: Vec<Caller>,
     /// Token credentials, shared by upstreams with the same identity.
     pub credentials: Vec<Credential>,
+    /// Where stored responses (`/v1/responses/{id}`) live.
+    pub responses_upstream: Option<usize>,
     model_index: BTreeMap<String, usize>,
-}
-
-#[derive(Debug)]
-pub struct Upstream {
-    pub name: String,
-    pub endpoint: Endpoint,
-    /// `:authority` for requests to this upstream (derived from the endpoint).
-    pub authority: String,
-    pub cluster: String,
-    pub api_version: String,
-    pub auth: UpstreamAuth,
-}
-
-#[derive(Debug)]
-pub enum UpstreamAuth {
-    /// A resource key, sent as `api-key`.
-    ApiKey(Secret),
-    /// A token from `Config::credentials[i]`, sent as `Authorization: Bearer`.
-    Token(usize),
 }
 
 #[derive(Debug)]
@@ -117,6 +103,17 @@ impl Caller {
             ModelAccess::Any => true,
             ModelAccess::Only(allowed) => allowed.binary_search(&model).is_ok(),
         }
+    }
+}
+
+impl Config {
+    /// The models a caller may use, in configuration order.
+    pub fn models_of<'a>(&'a self, caller: &'a Caller) -> impl Iterator<Item = &'a Model> + 'a {
+        self.models
+            .iter()
+            .enumerate()
+            .filter(move |(index, _)| caller.may_use(*index))
+            .map(|(_, model)| model)
     }
 }
 
@@ -162,7 +159,15 @@ impl Config {
 
 fn validate(raw: RawConfig, env: Env) -> Result<Config, ConfigError> {
     let default_api_version = match raw.api_version {
-        Some(version) => check_api_version("api_version", version)?,
+        Some(version) if api_version::is_dated(&version) => version,
+        Some(version) => {
+            return Err(error(
+                "api_version",
+                format!(
+                "`{version}` is not an Azure OpenAI api-version (YYYY-MM-DD or YYYY-MM-DD-preview)"
+            ),
+            ))
+        }
         None => DEFAULT_API_VERSION.to_string(),
     };
     let cluster_header = match raw.cluster_header {
@@ -187,7 +192,7 @@ fn validate(raw: RawConfig, env: Env) -> Result<Config, ConfigError> {
     let mut upstreams = Vec::with_capacity(raw.upstreams.len());
     let mut credentials = Vec::new();
     for (name, upstream) in raw.upstreams {
-        upstreams.push(validate_upstream(
+        upstreams.push(upstream::validate(
             name,
             upstream,
             &default_api_version,
@@ -195,6 +200,11 @@ fn validate(raw: RawConfig, env: Env) -> Result<Config, ConfigError> {
             &mut credentials,
         )?);
     }
+    let responses_upstream = match raw.responses_upstream {
+        Some(name) => Some(upstream_index(&upstreams, "responses_upstream", &name)?),
+        // With one upstream there is no doubt where responses live.
+        None => (upstreams.len() == 1).then_some(0),
+    };
 
     if raw.models.is_empty() {
         return Err(error(
@@ -252,74 +262,28 @@ fn validate(raw: RawConfig, env: Env) -> Result<Config, ConfigError> {
         models,
         callers,
         credentials,
+        responses_upstream,
         model_index,
     })
 }
 
-fn validate_upstream(
-    name: String,
-    raw: RawUpstream,
-    default_api_version: &str,
-    env: Env,
-    credentials: &mut Vec<Credential>,
-) -> Result<Upstream, ConfigError> {
-    let path = format!("upstreams.{name}");
-    if name.is_empty() {
-        return Err(error("upstreams", "an upstream name must not be empty"));
-    }
-    let endpoint = parse_endpoint(&raw.endpoint)
-        .map_err(|message| error(format!("{path}.endpoint"), message))?;
-    let cluster = check_cluster(&format!("{path}.cluster"), raw.cluster)?;
-    let api_version = match raw.api_version {
-        Some(version) => check_api_version(&format!("{path}.api_version"), version)?,
-        None => default_api_version.to_string(),
-    };
-    let credential = match raw.auth {
-        RawAuth::ApiKey(secret) => {
-            let key = resolve_secret(&format!("{path}.auth.api_key"), secret, env)?;
-            return Ok(Upstream {
-                name,
-                authority: endpoint.authority(),
-                endpoint,
-                cluster,
-                api_version,
-                auth: UpstreamAuth::ApiKey(key),
-            });
-        }
-        RawAuth::Entra(entra) => credential::entra(&format!("{path}.auth.entra"), entra, env)?,
-        RawAuth::ManagedIdentity(identity) => {
-            credential::managed_identity(&format!("{path}.auth.managed_identity"), identity)?
-        }
-    };
-    // Upstreams with the same identity share one token (and one refresh).
-    let index = match credentials
+fn upstream_index(upstreams: &[Upstream], path: &str, name: &str) -> Result<usize, ConfigError> {
+    upstreams
         .iter()
-        .position(|c| c.shared_key == credential.shared_key)
-    {
-        Some(index) => index,
-        None => {
-            credentials.push(credential);
-            credentials.len() - 1
-        }
-    };
-    if let Some(shared) = credentials.get_mut(index) {
-        if !shared.label.is_empty() {
-            shared.label.push_str(", ");
-        }
-        shared.label.push_str(&name);
-    }
-    Ok(Upstream {
-        name,
-        authority: endpoint.authority(),
-        endpoint,
-        cluster,
-        api_version,
-        auth: UpstreamAuth::Token(index),
-    })
+        .position(|u| u.name == name)
+        .ok_or_else(|| {
+            error(
+                path,
+                format!(
+                    "unknown upstream `{name}`; known upstreams: {}",
+                    join(upstreams.iter().map(|u| u.name.as_str()))
+                ),
+            )
+        })
 }
 
 /// The name of an Envoy cluster: printable ASCII without spaces.
-fn check_cluster(path: &str, cluster: String) -> Result<String, ConfigError> {
+pub(super) fn check_cluster(path: &str, cluster: String) -> Result<String, ConfigError> {
     if cluster.is_empty() || !cluster.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(error(
             path,
@@ -347,20 +311,12 @@ fn validate_model(
             "`*` is reserved for caller allowlists meaning every model",
         ));
     }
-    let upstream = upstreams
-        .iter()
-        .position(|u| u.name == raw.upstream)
-        .ok_or_else(|| {
-            error(
-                format!("{path}.upstream"),
-                format!(
-                    "unknown upstream `{}`; known upstreams: {}",
-                    raw.upstream,
-                    join(upstreams.iter().map(|u| u.name.as_str()))
-                ),
-            )
-        })?;
-    check_deployment(&format!("{path}.deployment"), &raw.deployment)?;
+    let upstream = upstream_index(upstreams, &format!("{path}.upstream"), &raw.upstream)?;
+    let in_path = matches!(
+        upstreams.get(upstream).map(|u| &u.flavor),
+        Some(Flavor::AzureDeployments { .. })
+    );
+    check_deployment(&format!("{path}.deployment"), &raw.deployment, in_path)?;
     Ok(Model {
         alias,
         upstream,
@@ -427,7 +383,7 @@ fn validate_caller(
     })
 }
 
-fn resolve_secret(path: &str, raw: RawSecret, env: Env) -> Result<Secret, ConfigError> {
+pub(super) fn resolve_secret(path: &str, raw: RawSecret, env: Env) -> Result<Secret, ConfigError> {
     let (value, path) = match raw {
         RawSecret::Env(name) => {
             let path = format!("{path}.env");
@@ -468,25 +424,6 @@ fn resolve_secret(path: &str, raw: RawSecret, env: Env) -> Result<Secret, Config
     Ok(Secret::new(value))
 }
 
-/// `YYYY-MM-DD` or `YYYY-MM-DD-preview`.
-fn check_api_version(path: &str, version: String) -> Result<String, ConfigError> {
-    let date = version.strip_suffix("-preview").unwrap_or(&version);
-    let shape_ok = date.len() == 10
-        && date.bytes().enumerate().all(|(i, b)| match i {
-            4 | 7 => b == b'-',
-            _ => b.is_ascii_digit(),
-        });
-    if !shape_ok {
-        return Err(error(
-            path,
-            format!(
-                "`{version}` is not an Azure OpenAI api-version (YYYY-MM-DD or YYYY-MM-DD-preview)"
-            ),
-        ));
-    }
-    Ok(version)
-}
-
 fn check_cluster_header(name: String) -> Result<String, ConfigError> {
     let name = name.to_ascii_lowercase();
     let token = !name.is_empty()
@@ -508,10 +445,21 @@ fn check_cluster_header(name: String) -> Result<String, ConfigError> {
     Ok(name)
 }
 
-/// Deployment names go into the URL path: letters, digits, `-`, `_`, `.`.
-fn check_deployment(path: &str, deployment: &str) -> Result<(), ConfigError> {
+/// Deployment names that go into the URL path: letters, digits, `-`,
+/// `_`, `.`. Names that go into the body (v1 API, OpenAI-compatible
+/// servers, whose model names often hold `/` or `:`) need only be text.
+fn check_deployment(path: &str, deployment: &str, in_path: bool) -> Result<(), ConfigError> {
     if deployment.is_empty() {
         return Err(error(path, "must not be empty"));
+    }
+    if !in_path {
+        if deployment.chars().any(char::is_control) || deployment.len() > 256 {
+            return Err(error(
+                path,
+                "must be text without control characters, at most 256 bytes",
+            ));
+        }
+        return Ok(());
     }
     let valid = deployment
         .bytes()

@@ -12,17 +12,23 @@ pub struct RawConfig {
     pub api_version: Option<String>,
     pub cluster_header: Option<String>,
     pub max_request_body_bytes: Option<u64>,
+    pub responses_upstream: Option<String>,
 }
 
 pub struct RawUpstream {
+    pub kind: Option<String>,
     pub endpoint: String,
     pub cluster: String,
+    pub api: Option<String>,
     pub api_version: Option<String>,
+    /// Per operation (`"responses": "2025-04-01-preview"`), with paths.
+    pub api_versions: Vec<(String, String, String)>,
     pub auth: RawAuth,
 }
 
 pub enum RawAuth {
     ApiKey(RawSecret),
+    Bearer(RawSecret),
     Entra(RawEntra),
     ManagedIdentity(RawManagedIdentity),
 }
@@ -88,6 +94,7 @@ impl RawConfig {
                 "api_version",
                 "cluster_header",
                 "max_request_body_bytes",
+                "responses_upstream",
             ],
         )?;
         let upstreams = entries(&top.path_of("upstreams"), top.required("upstreams")?)?
@@ -111,18 +118,35 @@ impl RawConfig {
             api_version: top.optional_string("api_version")?,
             cluster_header: top.optional_string("cluster_header")?,
             max_request_body_bytes: top.optional_u64("max_request_body_bytes")?,
+            responses_upstream: top.optional_string("responses_upstream")?,
         })
     }
 }
 
 impl RawUpstream {
     fn read(path: &str, json: &Json) -> Result<Self, ConfigError> {
-        let object = Object::new(path, json, &["endpoint", "cluster", "api_version", "auth"])?;
+        let object = Object::new(
+            path,
+            json,
+            &[
+                "kind",
+                "endpoint",
+                "cluster",
+                "api",
+                "api_version",
+                "api_versions",
+                "auth",
+            ],
+        )?;
         let auth_path = object.path_of("auth");
         let auth = object.required("auth")?;
-        let auth = match one_of(&auth_path, auth, &["api_key", "entra", "managed_identity"])? {
+        let choices = ["api_key", "bearer", "entra", "managed_identity"];
+        let auth = match one_of(&auth_path, auth, &choices)? {
             ("api_key", secret) => {
                 RawAuth::ApiKey(RawSecret::read(&format!("{auth_path}.api_key"), secret)?)
+            }
+            ("bearer", secret) => {
+                RawAuth::Bearer(RawSecret::read(&format!("{auth_path}.bearer"), secret)?)
             }
             ("entra", entra) => {
                 RawAuth::Entra(RawEntra::read(&format!("{auth_path}.entra"), entra)?)
@@ -132,10 +156,20 @@ impl RawUpstream {
                 identity,
             )?),
         };
+        let api_versions = match object.optional("api_versions") {
+            None => Vec::new(),
+            Some(json) => entries(&object.path_of("api_versions"), json)?
+                .into_iter()
+                .map(|(path, op, json)| Ok((path.clone(), op, string(&path, json)?)))
+                .collect::<Result<_, ConfigError>>()?,
+        };
         Ok(RawUpstream {
+            kind: object.optional_string("kind")?,
             endpoint: object.string("endpoint")?,
             cluster: object.string("cluster")?,
+            api: object.optional_string("api")?,
             api_version: object.optional_string("api_version")?,
+            api_versions,
             auth,
         })
     }

@@ -1,5 +1,13 @@
 use super::*;
+use crate::routes::{Operation, StoredTail};
 use serde_json::{json, Value};
+
+fn version(upstream: &Upstream, op: Operation) -> String {
+    match &upstream.flavor {
+        Flavor::AzureDeployments { api_versions } => api_versions[op.index()].clone(),
+        other => panic!("{other:?}"),
+    }
+}
 
 pub const TEAM_A_HASH: &str = "4f1c5b3a0f6c2d1e9b8a7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f";
 pub const OPS_HASH: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
@@ -80,7 +88,7 @@ fn the_documented_example_loads() {
     assert_eq!(upstream.name, "west");
     assert_eq!(upstream.authority, "acme-west.openai.azure.com");
     assert_eq!(upstream.cluster, "azure_west");
-    assert_eq!(upstream.api_version, "2024-10-21");
+    assert_eq!(version(upstream, Operation::ChatCompletions), "2024-10-21");
     let UpstreamAuth::ApiKey(key) = &upstream.auth else {
         panic!("api key expected")
     };
@@ -101,7 +109,10 @@ fn the_documented_example_loads() {
 fn defaults_and_top_level_settings() {
     let value = without(base(), "/upstreams/west/api_version");
     assert_eq!(
-        load(&value).unwrap().upstreams[0].api_version,
+        version(
+            &load(&value).unwrap().upstreams[0],
+            Operation::ChatCompletions
+        ),
         DEFAULT_API_VERSION
     );
 
@@ -110,7 +121,10 @@ fn defaults_and_top_level_settings() {
     value["cluster_header"] = json!("X-Route-To");
     value["max_request_body_bytes"] = json!(1024);
     let config = load(&value).unwrap();
-    assert_eq!(config.upstreams[0].api_version, "2025-04-01-preview");
+    assert_eq!(
+        version(&config.upstreams[0], Operation::ChatCompletions),
+        "2025-04-01-preview"
+    );
     assert_eq!(config.cluster_header, "x-route-to");
     assert_eq!(config.max_request_body_bytes, 1024);
 }
@@ -189,7 +203,7 @@ fn refuses_unknown_fields_with_their_path() {
     assert!(
         message.starts_with(
             "upstreams.west.auth.apikey: unknown field `apikey`; \
-             expected one of `api_key`, `entra`, `managed_identity`"
+             expected one of `api_key`, `bearer`, `entra`, `managed_identity`"
         ),
         "{message}"
     );
@@ -748,5 +762,200 @@ fn shared_key_changes_with_the_identity() {
     assert_eq!(
         a.credentials[0].shared_key,
         load(&entra(json!({}))).unwrap().credentials[0].shared_key
+    );
+}
+
+// ---------------------------------------------------------------- surfaces
+
+#[test]
+fn per_operation_api_versions() {
+    let value = with(
+        base(),
+        "/upstreams/west/api_versions",
+        json!({
+            "responses": "2025-04-01-preview",
+            "audio/transcriptions": "2024-06-01"
+        }),
+    );
+    let config = load(&value).unwrap();
+    let west = &config.upstreams[0];
+    assert_eq!(version(west, Operation::Responses), "2025-04-01-preview");
+    assert_eq!(version(west, Operation::AudioTranscriptions), "2024-06-01");
+    assert_eq!(version(west, Operation::ChatCompletions), "2024-10-21");
+    // Preview-only operations default to a preview that serves them.
+    assert_eq!(
+        version(west, Operation::ImageEdits),
+        DEFAULT_PREVIEW_API_VERSION
+    );
+    assert_eq!(
+        version(west, Operation::AudioSpeech),
+        DEFAULT_PREVIEW_API_VERSION
+    );
+}
+
+#[test]
+fn api_versions_known_to_be_too_old_are_refused() {
+    let value = with(
+        base(),
+        "/upstreams/west/api_versions",
+        json!({ "responses": "2024-10-21" }),
+    );
+    assert_eq!(
+        refused(value),
+        "upstreams.west.api_versions.responses: api-version 2024-10-21 is too old for responses; it needs 2025-03-01-preview or later"
+    );
+    let value = with(
+        base(),
+        "/upstreams/west/api_versions",
+        json!({ "images/edits": "2025-03-01-preview" }),
+    );
+    assert!(refused(value).contains("needs 2025-04-01-preview or later"));
+    let value = with(
+        base(),
+        "/upstreams/west/api_versions",
+        json!({ "chat": "2024-10-21" }),
+    );
+    assert!(refused(value).starts_with("upstreams.west.api_versions.chat: unknown operation `chat`; expected one of `chat/completions`"));
+    let value = with(
+        base(),
+        "/upstreams/west/api_versions",
+        json!({ "responses": "latest" }),
+    );
+    assert!(refused(value).contains("YYYY-MM-DD"));
+}
+
+#[test]
+fn azure_v1_api() {
+    let value = with(base(), "/upstreams/west/api", json!("v1"));
+    let value = without(value, "/upstreams/west/api_version");
+    let config = load(&value).unwrap();
+    assert!(matches!(
+        config.upstreams[0].flavor,
+        Flavor::AzureV1 { preview: false }
+    ));
+    let upstream = &config.upstreams[0];
+    assert_eq!(
+        upstream.operation_path(Operation::Embeddings, "d"),
+        "/openai/v1/embeddings"
+    );
+    assert!(upstream.model_in_body(Operation::ChatCompletions));
+
+    let preview = with(
+        value.clone(),
+        "/upstreams/west/api_version",
+        json!("preview"),
+    );
+    let config = load(&preview).unwrap();
+    assert_eq!(
+        config.upstreams[0].operation_path(Operation::Responses, "d"),
+        "/openai/v1/responses?api-version=preview"
+    );
+    let dated = with(
+        value.clone(),
+        "/upstreams/west/api_version",
+        json!("2024-10-21"),
+    );
+    assert!(refused(dated)
+        .starts_with("upstreams.west.api_version: the v1 API takes no dated api-version"));
+    let bad = with(value, "/upstreams/west/api", json!("v2"));
+    assert!(refused(bad).starts_with("upstreams.west.api: unknown API `v2`"));
+}
+
+#[test]
+fn openai_compatible_upstream() {
+    let mut value = base();
+    value["upstreams"]["vllm"] = json!({
+        "kind": "openai",
+        "endpoint": "http://vllm.internal:8000/v1",
+        "cluster": "vllm",
+        "auth": { "bearer": { "value": "tok" } }
+    });
+    value["models"]["llama"] =
+        json!({ "upstream": "vllm", "deployment": "meta-llama/Llama-3.1-8B:fp8" });
+    let config = load(&value).unwrap();
+    let vllm = config.upstreams.iter().find(|u| u.name == "vllm").unwrap();
+    assert!(matches!(&vllm.flavor, Flavor::OpenAi { base_path } if base_path == "/v1"));
+    assert_eq!(vllm.authority, "vllm.internal:8000");
+    assert_eq!(
+        vllm.operation_path(Operation::AudioTranscriptions, "x"),
+        "/v1/audio/transcriptions"
+    );
+    assert_eq!(
+        vllm.stored_response_path("resp_1", StoredTail::InputItems, "?limit=1"),
+        "/v1/responses/resp_1/input_items?limit=1"
+    );
+    assert!(matches!(&vllm.auth, UpstreamAuth::Bearer(s) if s.expose() == "tok"));
+
+    let mut api_key = value.clone();
+    api_key["upstreams"]["vllm"]["auth"] = json!({ "api_key": { "value": "k" } });
+    assert!(refused(api_key)
+        .starts_with("upstreams.vllm.auth.api_key: an `openai` upstream takes `bearer`"));
+    let mut versioned = value.clone();
+    versioned["upstreams"]["vllm"]["api_version"] = json!("2024-10-21");
+    assert!(refused(versioned)
+        .starts_with("upstreams.vllm.api_version: applies to Azure upstreams only"));
+    let mut kind = value.clone();
+    kind["upstreams"]["vllm"]["kind"] = json!("anthropic");
+    assert!(refused(kind).starts_with("upstreams.vllm.kind: unknown kind `anthropic`"));
+    let mut path = value;
+    path["upstreams"]["vllm"]["endpoint"] = json!("http://vllm/v1?x");
+    assert!(refused(path).starts_with("upstreams.vllm.endpoint: "));
+}
+
+#[test]
+fn deployment_names_in_the_path_stay_path_safe() {
+    // An Azure deployments upstream takes the name into the URL path.
+    let message = refused(with(
+        base(),
+        "/models/gpt-4o/deployment",
+        json!("meta-llama/x"),
+    ));
+    assert!(
+        message.starts_with("models.gpt-4o.deployment: "),
+        "{message}"
+    );
+    // In the body (v1 API) any text without control characters will do.
+    let v1 = with(base(), "/upstreams/west/api", json!("v1"));
+    let v1 = without(v1, "/upstreams/west/api_version");
+    assert!(load(&with(
+        v1.clone(),
+        "/models/gpt-4o/deployment",
+        json!("a/b:c d")
+    ))
+    .is_ok());
+    assert!(
+        refused(with(v1, "/models/gpt-4o/deployment", json!("a\r\nb")))
+            .contains("control characters")
+    );
+}
+
+#[test]
+fn responses_upstream_defaults_to_the_only_one() {
+    assert_eq!(load(&base()).unwrap().responses_upstream, Some(0));
+    let mut two = base();
+    two["upstreams"]["east"] = json!({
+        "endpoint": "acme-east", "cluster": "e", "auth": { "api_key": { "value": "k" } }
+    });
+    assert_eq!(load(&two).unwrap().responses_upstream, None);
+    two["responses_upstream"] = json!("east");
+    let config = load(&two).unwrap();
+    assert_eq!(
+        config.upstreams[config.responses_upstream.unwrap()].name,
+        "east"
+    );
+    two["responses_upstream"] = json!("north");
+    assert!(refused(two).starts_with("responses_upstream: unknown upstream `north`"));
+}
+
+#[test]
+fn bearer_auth_for_azure_too() {
+    let value = with(
+        base(),
+        "/upstreams/west/auth",
+        json!({ "bearer": { "env": "AZURE_WEST_KEY" } }),
+    );
+    let config = load(&value).unwrap();
+    assert!(
+        matches!(&config.upstreams[0].auth, UpstreamAuth::Bearer(s) if s.expose() == "west-secret")
     );
 }

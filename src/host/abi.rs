@@ -18,6 +18,7 @@ pub const CAS_MISMATCH: Status = Status(8);
 #[repr(u32)]
 pub enum HeaderMap {
     Request = 0,
+    Response = 2,
     CallResponse = 6,
 }
 
@@ -25,6 +26,7 @@ pub enum HeaderMap {
 #[repr(u32)]
 pub enum Buffer {
     RequestBody = 0,
+    ResponseBody = 1,
     CallResponseBody = 4,
     PluginConfiguration = 7,
 }
@@ -77,6 +79,18 @@ extern "C" {
         max_size: usize,
         return_buffer_data: *mut *mut u8,
         return_buffer_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_buffer_status(
+        buffer_type: u32,
+        return_size: *mut usize,
+        return_flags: *mut u32,
+    ) -> u32;
+    fn proxy_set_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        size: usize,
+        buffer_data: *const u8,
+        buffer_size: usize,
     ) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
@@ -217,6 +231,22 @@ pub fn get_buffer(buffer: Buffer, start: usize, max: usize) -> Result<Vec<u8>, S
         NOT_FOUND => Ok(Vec::new()),
         other => Err(Status(other)),
     }
+}
+
+/// How many bytes a buffer holds.
+pub fn buffer_len(buffer: Buffer) -> Result<usize, Status> {
+    let mut size = 0;
+    let mut flags = 0;
+    // SAFETY: the host writes one usize and one u32.
+    check(unsafe { proxy_get_buffer_status(buffer as u32, &mut size, &mut flags) })?;
+    Ok(size)
+}
+
+/// Replaces `size` bytes of a buffer from `start` with `data`. Envoy
+/// supports a prefix (`start` 0) or an append (`start` at the end).
+pub fn set_buffer(buffer: Buffer, start: usize, size: usize, data: &[u8]) -> Result<(), Status> {
+    // SAFETY: the slice is live for the call.
+    check(unsafe { proxy_set_buffer_bytes(buffer as u32, start, size, data.as_ptr(), data.len()) })
 }
 
 /// Answers the request from the filter; nothing goes upstream.

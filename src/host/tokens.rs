@@ -143,6 +143,11 @@ impl Tokens {
         self.metrics.add(Metric::RequestsWaiting, 1);
     }
 
+    /// Whether a request is still waiting (not yet resumed or answered).
+    pub fn is_waiting(&self, context_id: u32) -> bool {
+        self.waiters.contains(context_id)
+    }
+
     /// A held request went away (its caller disconnected).
     pub fn release(&mut self, context_id: u32) {
         if self.waiters.remove(context_id) {

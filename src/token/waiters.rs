@@ -55,6 +55,10 @@ impl<E> Waiters<E> {
         self.waiting.len() != before
     }
 
+    pub fn contains(&self, context_id: u32) -> bool {
+        self.waiting.iter().any(|w| w.context_id == context_id)
+    }
+
     pub fn len(&self) -> usize {
         self.waiting.len()
     }
@@ -175,7 +179,9 @@ mod tests {
     fn removed_waiters_are_forgotten() {
         let mut waiters = Waiters::default();
         waiters.add(waiter(1, 0, 2_000));
+        assert!(waiters.contains(1));
         assert!(waiters.remove(1));
+        assert!(!waiters.contains(1));
         assert!(!waiters.remove(1));
         let state = TokenState::default().with_token(Secret::new("t".into()), 60, 0, 0.0);
         assert!(waiters.settle(10, |_| Some(&state)).is_empty());

@@ -65,5 +65,6 @@ def test_module_exports_only_the_callbacks_it_implements():
         "proxy_on_memory_allocate", "proxy_on_vm_start", "proxy_on_configure",
         "proxy_on_context_create", "proxy_on_delete",
         "proxy_on_request_headers", "proxy_on_request_body", "proxy_on_request_trailers",
+        "proxy_on_response_headers", "proxy_on_response_body",
         "proxy_on_tick", "proxy_on_http_call_response",
     }

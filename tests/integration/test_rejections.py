@@ -74,7 +74,7 @@ def test_non_utf8_key_is_refused_and_the_worker_survives(gateway, west):
 def test_unknown_path(gateway):
     error = assert_openai_error(send(gateway, path="/v1/assistants"), 404, "unknown_url")
     assert error["message"] == "Invalid URL (POST /v1/assistants)."
-    assert_openai_error(send(gateway, path="/openai/deployments/x/chat/completions"), 404, "unknown_url")
+    assert_openai_error(send(gateway, path="/openai/files"), 404, "unknown_url")
 
 
 def test_unknown_path_without_key_is_still_404(gateway):

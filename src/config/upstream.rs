@@ -1,0 +1,290 @@
+//! An upstream: where it is, how requests address it (Azure's deployments
+//! API, Azure's v1 API, or an OpenAI-compatible server) and how the filter
+//! authenticates to it.
+
+use super::api_version::{for_operation, is_dated, too_old};
+use super::endpoint::{parse_base_url, parse_endpoint, Endpoint};
+use super::raw::{RawAuth, RawUpstream};
+use super::{check_cluster, credential, error, resolve_secret, ConfigError, Credential, Env};
+use crate::routes::{Operation, StoredTail};
+use crate::secret::Secret;
+
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    pub endpoint: Endpoint,
+    /// `:authority` for requests to this upstream (derived from the endpoint).
+    pub authority: String,
+    pub cluster: String,
+    pub flavor: Flavor,
+    pub auth: UpstreamAuth,
+}
+
+#[derive(Debug)]
+pub enum Flavor {
+    /// `/openai/deployments/{deployment}/{op}?api-version=...`; the
+    /// api-version of each operation, indexed by `Operation::index`.
+    AzureDeployments { api_versions: Vec<String> },
+    /// `/openai/v1/{op}`, the deployment in the body's `model`; no dated
+    /// api-version (`?api-version=preview` when `preview`).
+    AzureV1 { preview: bool },
+    /// `{base_path}/{op}` on an OpenAI-compatible server, the upstream's
+    /// model name in the body's `model`.
+    OpenAi { base_path: String },
+}
+
+#[derive(Debug)]
+pub enum UpstreamAuth {
+    /// A resource key, sent as `api-key`.
+    ApiKey(Secret),
+    /// A fixed bearer token, sent as `Authorization: Bearer`.
+    Bearer(Secret),
+    /// A token from `Config::credentials[i]`, sent as `Authorization: Bearer`.
+    Token(usize),
+}
+
+impl Upstream {
+    /// Whether the deployment (or upstream model name) travels in the
+    /// body's `model` rather than in the path.
+    pub fn model_in_body(&self, op: Operation) -> bool {
+        match self.flavor {
+            Flavor::AzureDeployments { .. } => op.resource_level(),
+            Flavor::AzureV1 { .. } | Flavor::OpenAi { .. } => true,
+        }
+    }
+
+    /// Whether answers come in Azure's shapes (to be translated for errors).
+    pub fn is_azure(&self) -> bool {
+        !matches!(self.flavor, Flavor::OpenAi { .. })
+    }
+
+    /// Path and query of an operation for `deployment`.
+    pub fn operation_path(&self, op: Operation, deployment: &str) -> String {
+        match &self.flavor {
+            Flavor::AzureDeployments { api_versions } => {
+                let version = api_versions.get(op.index()).map_or("", String::as_str);
+                if op.resource_level() {
+                    format!("/openai/{}?api-version={version}", op.name())
+                } else {
+                    format!(
+                        "/openai/deployments/{deployment}/{}?api-version={version}",
+                        op.name()
+                    )
+                }
+            }
+            Flavor::AzureV1 { preview } => {
+                format!("/openai/v1/{}{}", op.name(), v1_query(*preview, ""))
+            }
+            Flavor::OpenAi { base_path } => format!("{base_path}/{}", op.name()),
+        }
+    }
+
+    /// Path and query of a stored response; `query` is the caller's own
+    /// (without api-version), `?`-prefixed or empty.
+    pub fn stored_response_path(&self, id: &str, tail: StoredTail, query: &str) -> String {
+        let item = format!("responses/{id}{}", tail.suffix());
+        match &self.flavor {
+            Flavor::AzureDeployments { api_versions } => {
+                let version = api_versions
+                    .get(Operation::Responses.index())
+                    .map_or("", String::as_str);
+                let joiner = if query.is_empty() { "?" } else { "&" };
+                format!("/openai/{item}{query}{joiner}api-version={version}")
+            }
+            Flavor::AzureV1 { preview } => {
+                format!("/openai/v1/{item}{}", v1_query(*preview, query))
+            }
+            Flavor::OpenAi { base_path } => format!("{base_path}/{item}{query}"),
+        }
+    }
+}
+
+fn v1_query(preview: bool, query: &str) -> String {
+    match (preview, query.is_empty()) {
+        (false, _) => query.to_string(),
+        (true, true) => "?api-version=preview".to_string(),
+        (true, false) => format!("{query}&api-version=preview"),
+    }
+}
+
+pub(super) fn validate(
+    name: String,
+    raw: RawUpstream,
+    default_api_version: &str,
+    env: Env,
+    credentials: &mut Vec<Credential>,
+) -> Result<Upstream, ConfigError> {
+    let path = format!("upstreams.{name}");
+    if name.is_empty() {
+        return Err(error("upstreams", "an upstream name must not be empty"));
+    }
+    let openai = match raw.kind.as_deref() {
+        None | Some("azure") => false,
+        Some("openai") => true,
+        Some(other) => {
+            return Err(error(
+                format!("{path}.kind"),
+                format!("unknown kind `{other}`; expected `azure` (the default) or `openai`"),
+            ))
+        }
+    };
+    let cluster = check_cluster(&format!("{path}.cluster"), raw.cluster.clone())?;
+    let (endpoint, flavor) = if openai {
+        for (field, set) in [
+            ("api", raw.api.is_some()),
+            ("api_version", raw.api_version.is_some()),
+            ("api_versions", !raw.api_versions.is_empty()),
+        ] {
+            if set {
+                return Err(error(
+                    format!("{path}.{field}"),
+                    "applies to Azure upstreams only; an `openai` upstream takes no api-version",
+                ));
+            }
+        }
+        let (endpoint, base_path) =
+            parse_base_url(&raw.endpoint).map_err(|m| error(format!("{path}.endpoint"), m))?;
+        (endpoint, Flavor::OpenAi { base_path })
+    } else {
+        let endpoint =
+            parse_endpoint(&raw.endpoint).map_err(|m| error(format!("{path}.endpoint"), m))?;
+        let flavor = match raw.api.as_deref() {
+            None | Some("deployments") => deployments_flavor(&path, &raw, default_api_version)?,
+            Some("v1") => {
+                if !raw.api_versions.is_empty() {
+                    return Err(error(
+                        format!("{path}.api_versions"),
+                        "the v1 API takes no dated api-version",
+                    ));
+                }
+                let preview = match raw.api_version.as_deref() {
+                    None => false,
+                    Some("preview") => true,
+                    Some(other) => {
+                        return Err(error(
+                            format!("{path}.api_version"),
+                            format!("the v1 API takes no dated api-version: omit it, or use \"preview\" (not `{other}`)"),
+                        ))
+                    }
+                };
+                Flavor::AzureV1 { preview }
+            }
+            Some(other) => {
+                return Err(error(
+                    format!("{path}.api"),
+                    format!("unknown API `{other}`; expected `deployments` (the default) or `v1`"),
+                ))
+            }
+        };
+        (endpoint, flavor)
+    };
+    let auth = match raw.auth {
+        RawAuth::ApiKey(_) if openai => return Err(error(
+            format!("{path}.auth.api_key"),
+            "an `openai` upstream takes `bearer` (sent as Authorization: Bearer), not `api_key`",
+        )),
+        RawAuth::ApiKey(secret) => UpstreamAuth::ApiKey(resolve_secret(
+            &format!("{path}.auth.api_key"),
+            secret,
+            env,
+        )?),
+        RawAuth::Bearer(secret) => {
+            UpstreamAuth::Bearer(resolve_secret(&format!("{path}.auth.bearer"), secret, env)?)
+        }
+        RawAuth::Entra(entra) => {
+            let credential = credential::entra(&format!("{path}.auth.entra"), entra, env)?;
+            UpstreamAuth::Token(share(credentials, credential, &name))
+        }
+        RawAuth::ManagedIdentity(identity) => {
+            let credential =
+                credential::managed_identity(&format!("{path}.auth.managed_identity"), identity)?;
+            UpstreamAuth::Token(share(credentials, credential, &name))
+        }
+    };
+    Ok(Upstream {
+        name,
+        authority: endpoint.authority(),
+        endpoint,
+        cluster,
+        flavor,
+        auth,
+    })
+}
+
+fn deployments_flavor(
+    path: &str,
+    raw: &RawUpstream,
+    default_api_version: &str,
+) -> Result<Flavor, ConfigError> {
+    let upstream_version = match &raw.api_version {
+        Some(version) => {
+            check_dated(&format!("{path}.api_version"), version)?;
+            version.as_str()
+        }
+        None => default_api_version,
+    };
+    let mut api_versions: Vec<String> = Operation::ALL
+        .iter()
+        .map(|op| for_operation(*op, upstream_version))
+        .collect();
+    for (field_path, name, version) in &raw.api_versions {
+        let op = Operation::from_name(name).ok_or_else(|| {
+            error(
+                field_path.clone(),
+                format!(
+                    "unknown operation `{name}`; expected one of {}",
+                    Operation::ALL
+                        .iter()
+                        .map(|op| format!("`{}`", op.name()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })?;
+        check_dated(field_path, version)?;
+        if let Some(first) = too_old(op, version) {
+            return Err(error(
+                field_path.clone(),
+                format!("api-version {version} is too old for {name}; it needs {first} or later"),
+            ));
+        }
+        if let Some(slot) = api_versions.get_mut(op.index()) {
+            *slot = version.clone();
+        }
+    }
+    Ok(Flavor::AzureDeployments { api_versions })
+}
+
+fn check_dated(path: &str, version: &str) -> Result<(), ConfigError> {
+    if !is_dated(version) {
+        return Err(error(
+            path,
+            format!(
+                "`{version}` is not an Azure OpenAI api-version (YYYY-MM-DD or YYYY-MM-DD-preview)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Upstreams with the same identity share one credential (one token, one
+/// refresh); returns its index.
+fn share(credentials: &mut Vec<Credential>, credential: Credential, upstream: &str) -> usize {
+    let index = match credentials
+        .iter()
+        .position(|c| c.shared_key == credential.shared_key)
+    {
+        Some(index) => index,
+        None => {
+            credentials.push(credential);
+            credentials.len() - 1
+        }
+    };
+    if let Some(shared) = credentials.get_mut(index) {
+        if !shared.label.is_empty() {
+            shared.label.push_str(", ");
+        }
+        shared.label.push_str(upstream);
+    }
+    index
+}
