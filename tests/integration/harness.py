@@ -318,6 +318,15 @@ class Envoy:
     def log(self):
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_for_log(self, needle, timeout=3.0):
+        """True once `needle` is in the log (Envoy writes it a little later)."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.log():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def stats(self, prefix=""):
         text = httpx.get(f"{self.admin}/stats?filter={prefix}", timeout=5).text
         return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)

@@ -237,7 +237,7 @@ def test_invalid_client_is_named_and_not_retried_hot(envoy_factory, upstream, id
     attempts = len(endpoint.received)
     print(f"token requests in 8 s of invalid_client: {attempts}")
     assert 2 <= attempts <= 8, attempts
-    assert "AADSTS7000215" in envoy.log()  # the warning names the code
+    assert envoy.wait_for_log("AADSTS7000215")  # the warning names the code
     assert upstream.received == []
 
 
@@ -274,7 +274,7 @@ def test_failed_refresh_keeps_the_current_token_until_it_expires(envoy_factory, 
         assert response.status_code == 200, response.text
         assert bearer_of(upstream.received[-1]) == "tok-1"
         time.sleep(0.1)
-    assert "still using the current token" in envoy.log()
+    assert envoy.wait_for_log("still using the current token")
     # ...and never after.
     time.sleep(max(0.0, issued + 4.0 - time.monotonic()))
     error = assert_openai_error(chat(envoy), 503, "token_unavailable")
