@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """A local stand-in for an Azure OpenAI resource, for the demo gateway.
 
-It answers the deployment-scoped API the way Azure does: the api-key check,
-the api-version requirement, unknown deployments, Azure's response shapes
-(content-filter results, versioned model names, rate-limit headers) and SSE
-streams whose first chunk carries only prompt_filter_results. Standard
-library only.
+It answers the way Azure does, for the deployments API
+(/openai/deployments/{deployment}/{operation}?api-version=...), the
+resource-level Responses API (/openai/responses) and the v1 API
+(/openai/v1/{operation}, deployment in the body): the api-key check, the
+api-version requirement (and the Responses API's minimum), unknown
+deployments (404 DeploymentNotFound), Azure's response shapes
+(content-filter results, versioned model names, rate-limit headers), SSE
+streams whose first chunk carries only prompt_filter_results, multipart
+audio and image uploads, and binary speech. Standard library only.
 
-    python3 envoy/azure_standin.py --port 10001 --key "$AZURE_DEMO_KEY" \
+    python3 envoy/azure_standin.py --port 10001 --key "$AZURE_DEMO_KEY" \\
         --deployment gpt4o-demo --deployment embed-demo
 """
 
@@ -15,19 +19,34 @@ import argparse
 import hashlib
 import json
 import re
+import struct
 import sys
+import threading
 import time
 import uuid
+from email import policy
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-PATH = re.compile(r"^/openai/deployments/([^/]+)/(chat/completions|completions|embeddings)$")
+OPERATIONS = ("chat/completions", "completions", "embeddings", "images/generations",
+              "images/edits", "audio/transcriptions", "audio/translations", "audio/speech",
+              "responses")
+DEPLOYMENT_PATH = re.compile(r"^/openai/deployments/([^/]+)/(.+)$")
+STORED_RESPONSE = re.compile(r"^/openai(?:/v1)?/responses/([A-Za-z0-9_-]+)$")
 FILTER_OK = {name: {"filtered": False, "severity": "safe"}
              for name in ("hate", "self_harm", "sexual", "violence")}
+RESPONSES_MIN_API_VERSION = "2025-03-01-preview"
 
 
-def azure_error(status, code, message):
-    return status, {"error": {"code": code, "message": message}}
+class Refusal(Exception):
+    def __init__(self, status, code, message):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def not_found():
+    return Refusal(404, "404", "Resource not found")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -39,38 +58,103 @@ class Handler(BaseHTTPRequestHandler):
             sys.stderr.write("azure-standin: " + (fmt % args) + "\n")
 
     def do_POST(self):
+        self.handle_request()
+
+    def do_GET(self):
+        self.handle_request()
+
+    def do_DELETE(self):
+        self.handle_request()
+
+    def handle_request(self):
         length = int(self.headers.get("content-length") or 0)
-        raw = self.rfile.read(length)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            self.route(raw)
+        except Refusal as refusal:
+            self.send_json(refusal.status, {"error": {"code": refusal.code, "message": refusal.message}})
+
+    def route(self, raw):
+        if self.headers.get("api-key") != self.server.key:
+            raise Refusal(401, "401", "Access denied due to invalid subscription key or wrong API "
+                          "endpoint. Make sure to provide a valid key for an active subscription "
+                          "and use a correct regional API endpoint for your resource.")
         url = urlsplit(self.path)
         query = parse_qs(url.query)
-        match = PATH.match(url.path)
-        if self.headers.get("api-key") != self.server.key:
-            return self.send_json(*azure_error(
-                401, "401", "Access denied due to invalid subscription key or wrong API "
-                "endpoint. Make sure to provide a valid key for an active subscription and "
-                "use a correct regional API endpoint for your resource."))
-        if not match:
-            return self.send_json(*azure_error(404, "404", "Resource not found"))
-        if "api-version" not in query:
-            return self.send_json(*azure_error(404, "404", "Resource not found"))
-        deployment, operation = match.groups()
+        stored = STORED_RESPONSE.match(url.path)
+        if stored:
+            return self.stored_response(stored.group(1))
+        if self.command != "POST":
+            raise not_found()
+        match = DEPLOYMENT_PATH.match(url.path)
+        if match:  # the deployments API: dated api-version, deployment in the path
+            deployment, operation = match.groups()
+            if "api-version" not in query or operation not in OPERATIONS or operation == "responses":
+                raise not_found()
+            return self.operation(operation, self.known(deployment), raw)
+        if url.path == "/openai/responses":
+            version = (query.get("api-version") or [""])[0]
+            if not version:
+                raise not_found()
+            if version.removesuffix("-preview") < RESPONSES_MIN_API_VERSION.removesuffix("-preview"):
+                raise Refusal(400, "BadRequest", "Azure OpenAI Responses API is enabled only for "
+                              f"api-version {RESPONSES_MIN_API_VERSION} and later")
+            return self.operation("responses", None, raw)
+        operation = url.path.removeprefix("/openai/v1/")
+        if url.path.startswith("/openai/v1/") and operation in OPERATIONS:
+            return self.operation(operation, None, raw)  # the v1 API: deployment in the body
+        raise not_found()
+
+    def known(self, deployment):
         if self.server.deployments and deployment not in self.server.deployments:
-            return self.send_json(*azure_error(
-                404, "DeploymentNotFound",
-                "The API deployment for this resource does not exist. If you created the "
-                "deployment within the last 5 minutes, please wait a moment and try again."))
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            return self.send_json(*azure_error(400, "BadRequest", "Invalid JSON body"))
+            raise Refusal(404, "DeploymentNotFound",
+                          "The API deployment for this resource does not exist. If you created "
+                          "the deployment within the last 5 minutes, please wait a moment and try "
+                          "again.")
+        return deployment
+
+    def operation(self, operation, deployment, raw):
+        if operation in ("images/edits", "audio/transcriptions", "audio/translations"):
+            fields = form_fields(self.headers.get("content-type", ""), raw)
+            body = {name: value for name, value in fields.items() if isinstance(value, str)}
+            uploads = {name: value for name, value in fields.items() if isinstance(value, bytes)}
+        else:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise Refusal(400, "BadRequest", "Invalid JSON body")
+            uploads = {}
+        if deployment is None:  # v1 API and Responses API: the deployment is the body's model
+            deployment = self.known(body.get("model") or "")
         if operation == "embeddings":
             return self.send_json(200, embeddings(body))
+        if operation == "images/generations" or operation == "images/edits":
+            return self.send_json(200, {"created": int(time.time()), "data": [
+                {"b64_json": PIXEL, "revised_prompt": body.get("prompt", "")}]})
+        if operation in ("audio/transcriptions", "audio/translations"):
+            size = sum(len(v) for v in uploads.values())
+            return self.send_json(200, {"text": f"Stand-in transcript of {size} bytes of audio."})
+        if operation == "audio/speech":
+            return self.send_bytes(200, "audio/wav", silence_wav())
+        if operation == "responses":
+            response = response_object(deployment, body)
+            with self.server.lock:
+                self.server.responses[response["id"]] = response
+            return self.send_json(200, response)
         if body.get("stream"):
             return self.send_stream(deployment, operation, body)
         return self.send_json(200, completion(deployment, operation, body))
 
-    def do_GET(self):
-        self.send_json(*azure_error(404, "404", "Resource not found"))
+    def stored_response(self, rid):
+        with self.server.lock:
+            response = self.server.responses.get(rid)
+            if response and self.command == "DELETE":
+                del self.server.responses[rid]
+        if response is None:
+            raise Refusal(404, "NotFound", f"Response with id '{rid}' not found.")
+        if self.command == "DELETE":
+            return self.send_json(200, {"id": rid, "object": "response", "deleted": True})
+        return self.send_json(200, response)
 
     def common_headers(self):
         self.send_header("apim-request-id", str(uuid.uuid4()))
@@ -79,9 +163,11 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("x-ratelimit-remaining-tokens", "99000")
 
     def send_json(self, status, payload):
-        data = json.dumps(payload).encode()
+        self.send_bytes(status, "application/json", json.dumps(payload).encode())
+
+    def send_bytes(self, status, content_type, data):
         self.send_response(status)
-        self.send_header("content-type", "application/json")
+        self.send_header("content-type", content_type)
         self.send_header("content-length", str(len(data)))
         self.common_headers()
         self.end_headers()
@@ -107,15 +193,14 @@ class Handler(BaseHTTPRequestHandler):
                           "prompt_filter_results": [{"prompt_index": 0,
                                                      "content_filter_results": FILTER_OK}]}))
         words = reply_text(body).split(" ")
+        kind = "chat.completion.chunk" if operation == "chat/completions" else "text_completion"
         for i, word in enumerate(words):
             piece = word if i == 0 else " " + word
             if operation == "chat/completions":
                 choice = {"index": 0, "delta": {"content": piece}, "finish_reason": None,
                           "content_filter_results": FILTER_OK}
-                kind = "chat.completion.chunk"
             else:
                 choice = {"index": 0, "text": piece, "finish_reason": None}
-                kind = "text_completion"
             event(json.dumps({"id": ident, "object": kind, "created": created,
                               "model": model_name(deployment), "choices": [choice]}))
             time.sleep(self.server.chunk_delay)
@@ -129,6 +214,31 @@ class Handler(BaseHTTPRequestHandler):
         event("[DONE]")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+
+# A 1x1 transparent PNG.
+PIXEL = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA"
+         "60e6kgAAAABJRU5ErkJggg==")
+
+
+def form_fields(content_type, raw):
+    """multipart/form-data fields: text as str, files as bytes."""
+    if "multipart/form-data" not in content_type:
+        raise Refusal(400, "BadRequest", "Expected multipart/form-data")
+    message = BytesParser(policy=policy.HTTP).parsebytes(b"content-type: " + content_type.encode() + b"\r\n\r\n" + raw)
+    fields = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        fields[name] = payload if part.get_filename() else payload.decode()
+    return fields
+
+
+def silence_wav(seconds=0.25, rate=16000):
+    frames = b"\x00\x00" * int(seconds * rate)
+    return (b"RIFF" + struct.pack("<I", 36 + len(frames)) + b"WAVEfmt "
+            + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+            + b"data" + struct.pack("<I", len(frames)) + frames)
 
 
 def reply_text(body):
@@ -167,6 +277,19 @@ def completion(deployment, operation, body):
                          "content_filter_results": FILTER_OK}], **common}
 
 
+def response_object(deployment, body):
+    text = body.get("input")
+    text = text if isinstance(text, str) else json.dumps(text)
+    return {"id": "resp_" + uuid.uuid4().hex, "object": "response",
+            "created_at": int(time.time()), "status": "completed", "model": model_name(deployment),
+            "output": [{"type": "message", "id": "msg_" + uuid.uuid4().hex[:16],
+                        "status": "completed", "role": "assistant",
+                        "content": [{"type": "output_text", "annotations": [],
+                                     "text": f"Hello from the Azure stand-in. You said: {text[:200]}"}]}],
+            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+            "usage": {"input_tokens": 5, "output_tokens": 9, "total_tokens": 14}}
+
+
 def embeddings(body):
     inputs = body.get("input")
     inputs = inputs if isinstance(inputs, list) else [inputs]
@@ -197,6 +320,8 @@ def main():
     server.deployments = set(args.deployment)
     server.chunk_delay = args.chunk_delay
     server.quiet = args.quiet
+    server.responses = {}
+    server.lock = threading.Lock()
     print(f"azure-standin listening on {args.host}:{server.server_address[1]}", flush=True)
     try:
         server.serve_forever()

@@ -11,8 +11,10 @@ venv=$(tests/venv.sh)
 # The upstream key the gateway sends; the stand-in accepts only this one.
 export AZURE_DEMO_KEY="${AZURE_DEMO_KEY:-demo-upstream-key}"
 
+deployments=(gpt4o-demo gpt4o-mini-demo embed-demo dalle-demo image-demo whisper-demo
+             tts-demo gpt41-demo)
 "$venv/bin/python" envoy/azure_standin.py --port 10001 --key "$AZURE_DEMO_KEY" \
-  --deployment gpt4o-demo --deployment gpt4o-mini-demo --deployment embed-demo &
+  "${deployments[@]/#/--deployment=}" &
 standin=$!
 trap 'kill $standin 2>/dev/null || true' EXIT
 

@@ -328,11 +328,14 @@ impl HttpContext for Request {
             .flatten()
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
             .unwrap_or(0);
+        if !upstream_errors::may_translate(status) {
+            return Action::Continue;
+        }
         let json = abi::get_header(HeaderMap::Response, "content-type")
             .ok()
             .flatten()
             .is_some_and(|t| t.starts_with(b"application/json"));
-        if upstream_errors::may_translate(status) && json {
+        if json {
             // The body may change length: let Envoy frame it.
             let _ = abi::remove_header(HeaderMap::Response, "content-length");
             self.state = State::ReadingError(status);

@@ -151,13 +151,25 @@ def test_token_examples_serve_and_explain_an_unreachable_identity_endpoint(
     assert "panicked" not in envoy.log()
 
 
+def demo_deployments():
+    demo = yaml.safe_load((ROOT / "envoy" / "demo.yaml").read_text())
+    hcm = demo["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    config = json.loads(hcm["http_filters"][0]["typed_config"]["config"]["configuration"]["value"])
+    return sorted({model["deployment"] for model in config["models"].values()})
+
+
+def test_demo_script_starts_the_stand_in_with_every_demo_deployment():
+    script = (ROOT / "envoy" / "demo.sh").read_text()
+    for deployment in demo_deployments():
+        assert deployment in script, deployment
+
+
 @pytest.fixture
 def demo_standin():
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "envoy" / "azure_standin.py"), "--port", "0", "--quiet",
-         "--key", EXAMPLE_ENV["AZURE_DEMO_KEY"], "--chunk-delay", "0.01",
-         "--deployment", "gpt4o-demo", "--deployment", "gpt4o-mini-demo",
-         "--deployment", "embed-demo"],
+         "--key", EXAMPLE_ENV["AZURE_DEMO_KEY"], "--chunk-delay", "0.01"]
+        + [f"--deployment={d}" for d in demo_deployments()],
         stdout=subprocess.PIPE, text=True)
     line = process.stdout.readline()
     port = int(line.rsplit(":", 1)[1])
@@ -167,6 +179,7 @@ def demo_standin():
 
 
 def test_demo_gateway_works_with_the_openai_sdk(envoy_factory, tmp_path, demo_standin):
+    """Every operation, through the demo gateway, with the SDKs' own calls."""
     envoy = envoy_factory(local_copy(ROOT / "envoy" / "demo.yaml", tmp_path, demo_standin),
                           env=EXAMPLE_ENV).start()
     team_a = openai.OpenAI(base_url=envoy.url + "/v1", api_key="sk-demo-team-a", max_retries=0)
@@ -185,8 +198,37 @@ def test_demo_gateway_works_with_the_openai_sdk(envoy_factory, tmp_path, demo_st
     assert text.endswith("You said: Hi")
     assert chunks[-1].usage.total_tokens > 0
 
+    legacy = ops.completions.create(model="gpt-4o", prompt="Say ok")
+    assert legacy.choices[0].text.endswith("You said: Say ok")
     embedding = ops.embeddings.create(model="text-embedding-3-small", input="x")
     assert len(embedding.data[0].embedding) == 16
+    image = ops.images.generate(model="dall-e-3", prompt="a lighthouse")
+    assert image.data[0].b64_json
+    edit = ops.images.edit(model="gpt-image-1", prompt="add a hat",
+                           image=("in.png", b"\x89PNG\r\n\x1a\n" + bytes(1000), "image/png"))
+    assert edit.data[0].b64_json
+    transcript = ops.audio.transcriptions.create(model="whisper-1",
+                                                 file=("a.mp3", bytes(range(256)) * 40, "audio/mpeg"))
+    assert transcript.text == "Stand-in transcript of 10240 bytes of audio."
+    translation = ops.audio.translations.create(model="whisper-1",
+                                                file=("a.mp3", bytes(300), "audio/mpeg"))
+    assert "300 bytes" in translation.text
+    speech = ops.audio.speech.create(model="tts-1", voice="alloy", input="Hi")
+    assert speech.content.startswith(b"RIFF")
+    response = ops.responses.create(model="gpt-4o", input="Hello")
+    assert response.output_text.endswith("You said: Hello")
+    assert ops.responses.retrieve(response.id).id == response.id
+    ops.responses.delete(response.id)
+    with pytest.raises(openai.NotFoundError):
+        ops.responses.retrieve(response.id)
+    v1 = ops.chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": "v1"}])
+    assert v1.choices[0].message.content.endswith("You said: v1")
+    assert [m.id for m in team_a.models.list()] == ["gpt-4o"]
+
+    azure = openai.AzureOpenAI(azure_endpoint=envoy.url, api_key="sk-demo-team-a",
+                               api_version="2024-06-01", max_retries=0)
+    reply = azure.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "az"}])
+    assert reply.choices[0].message.content.endswith("You said: az")
 
     with pytest.raises(openai.NotFoundError):
         team_a.embeddings.create(model="text-embedding-3-small", input="x")

@@ -355,3 +355,25 @@ def test_unknown_token_cluster_is_named(envoy_factory, upstream, identity):
     error = assert_openai_error(chat(envoy), 503, "token_unavailable")
     assert "Envoy has no cluster `no_such_cluster`" in error["message"], error["message"]
     assert endpoint.received == [] and upstream.received == []
+
+
+def test_request_held_on_its_headers_keeps_its_body(envoy_factory, upstream, identity):
+    """An Azure-style request is forwarded on its headers; when it has to
+    wait for a token, its body waits with it and goes through whole."""
+    endpoint = identity(delay=1.0)
+    envoy = start(envoy_factory, entra_config(upstream, endpoint), upstream, endpoint)
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * 200_000}]}).encode()
+
+    def pieces():
+        for i in range(0, len(body), 16_384):
+            yield body[i:i + 16_384]
+            time.sleep(0.01)
+
+    response = httpx.post(envoy.url + "/openai/deployments/gpt-4o/chat/completions?api-version=2023-05-15",
+                          content=pieces(), headers={"api-key": TEAM_A_KEY}, timeout=30)
+    assert response.status_code == 200, response.text
+    got = upstream.only()
+    assert got.body == body
+    assert got.path == "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"
+    assert bearer_of(got) == "tok-1"
+    assert stat(envoy, "requests_held_for_token") == 1
