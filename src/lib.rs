@@ -19,3 +19,6 @@ pub mod upstream_errors;
 
 #[cfg(target_arch = "wasm32")]
 mod host;
+
+#[cfg(test)]
+mod robustness_tests;

@@ -107,7 +107,11 @@ pub fn find_field(
     let first = find(body, 0, &delimiter)?.ok_or_else(|| {
         ApiError::invalid_multipart("the body has no part with the declared boundary")
     })?;
-    if first != 0 && body.read(first - 2, 2)? != b"\r\n" {
+    let line_start = match first.checked_sub(2) {
+        None => first == 0,
+        Some(before) => body.read(before, 2)? == b"\r\n",
+    };
+    if !line_start {
         return Err(ApiError::invalid_multipart(
             "the first boundary does not start a line",
         ));
