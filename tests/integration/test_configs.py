@@ -89,7 +89,8 @@ def test_bad_configuration_fails_validate_mode_too(tmp_path):
 # ------------------------------------------------------- envoy/ examples
 
 EXAMPLE_ENV = {"AZURE_DEMO_KEY": "demo-upstream-key", "AZURE_WEST_KEY": "west-key",
-               "AZURE_EAST_KEY": "east-key", "AZURE_CLIENT_SECRET": "client-secret"}
+               "AZURE_EAST_KEY": "east-key", "AZURE_CLIENT_SECRET": "client-secret",
+               "VLLM_TOKEN": "vllm-token"}
 
 
 def local_copy(example, tmp_path, upstream_port=None):
@@ -131,6 +132,10 @@ def test_production_example_serves(envoy_factory, tmp_path):
     response = httpx.post(envoy.url + "/v1/chat/completions", json={"model": "gpt-5"},
                           headers={"authorization": "Bearer replace-me-team-a-key"}, timeout=10)
     assert_openai_error(response, 404, "model_not_found")
+    models = httpx.get(envoy.url + "/v1/models", timeout=10,
+                       headers={"authorization": "Bearer replace-me-ops-key"}).json()
+    assert [m["id"] for m in models["data"]] == [
+        "gpt-4o", "whisper-1", "gpt-4o-mini", "text-embedding-3-small", "llama-3.1-8b"]
 
 
 @pytest.mark.parametrize("example, reason", [
