@@ -141,7 +141,11 @@ impl Request {
                     .as_ref()
                     .ok_or_else(|| ApiError::internal("token credentials are not set up"))?;
                 let now = abi::now_ms();
-                let lookup = tokens.borrow_mut().lookup(credential, now);
+                let busy = || ApiError::internal("the token state is busy");
+                let lookup = tokens
+                    .try_borrow_mut()
+                    .map_err(|_| busy())?
+                    .lookup(credential, now);
                 match lookup {
                     Lookup::Ready(token) => Some(token),
                     Lookup::GiveUp(error) => return Err(error),
@@ -151,7 +155,10 @@ impl Request {
                             .into_iter()
                             .map(HeaderEdit::into_owned)
                             .collect();
-                        tokens.borrow_mut().hold(self.id, credential, now, edits);
+                        tokens
+                            .try_borrow_mut()
+                            .map_err(|_| busy())?
+                            .hold(self.id, credential, now, edits);
                         self.state = State::WaitingForToken;
                         // Wake the root now rather than at its next tick.
                         let _ = abi::set_tick_period_ms(1);

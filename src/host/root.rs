@@ -72,7 +72,9 @@ impl Root {
     /// shortens it to be served at once, and this puts it back.
     fn schedule_tick(&self) {
         if let Some(tokens) = &self.tokens {
-            let _ = abi::set_tick_period_ms(tokens.borrow().tick_period_ms());
+            if let Ok(tokens) = tokens.try_borrow() {
+                let _ = abi::set_tick_period_ms(tokens.tick_period_ms());
+            }
         }
     }
 }
@@ -107,9 +109,17 @@ impl Context for Root {
         } else {
             Vec::new()
         };
-        let settlements = tokens
-            .borrow_mut()
-            .on_response(callout, status, &body, abi::now_ms());
+        // Envoy defers callbacks made while the VM runs, so `Tokens` is never
+        // borrowed here; were it, the answer would be dropped (the lease then
+        // expires and another fetch follows) rather than panic.
+        let Ok(mut borrowed) = tokens.try_borrow_mut() else {
+            log::error(format_args!(
+                "azure-openai-filter: token state busy; answer dropped"
+            ));
+            return;
+        };
+        let settlements = borrowed.on_response(callout, status, &body, abi::now_ms());
+        drop(borrowed);
         self.carry_out(settlements);
     }
 }
@@ -161,7 +171,11 @@ impl RootContext for Root {
         let Some(tokens) = self.tokens.clone() else {
             return;
         };
-        let settlements = tokens.borrow_mut().tick(abi::now_ms());
+        let Ok(mut borrowed) = tokens.try_borrow_mut() else {
+            return; // busy: the next tick does the work
+        };
+        let settlements = borrowed.tick(abi::now_ms());
+        drop(borrowed);
         self.carry_out(settlements);
     }
 
