@@ -115,8 +115,6 @@ pub struct Forward<'c> {
     /// The body's `model` rewritten to the deployment, when the upstream
     /// reads it from there.
     pub body_edit: Option<BodyEdit>,
-    /// The body's length as received (to set `content-length` after an edit).
-    pub body_len: usize,
 }
 
 /// Header phase, after [`admit`].
@@ -151,7 +149,6 @@ pub fn plan(config: &Config, admitted: Admitted) -> Result<Plan<'_>, ApiError> {
                 caller: &caller.name,
                 model: Some(model),
                 body_edit: None,
-                body_len: 0,
             }))
         }
         Inbound::StoredResponse { id, tail, query } => {
@@ -168,7 +165,6 @@ pub fn plan(config: &Config, admitted: Admitted) -> Result<Plan<'_>, ApiError> {
                 caller: &caller.name,
                 model: None,
                 body_edit: None,
-                body_len: 0,
             }))
         }
     }
@@ -187,10 +183,9 @@ pub fn route_body<'c>(
         .caller(pending.caller)
         .ok_or_else(|| ApiError::internal("unknown caller"))?;
     let from_path = pending.model.and_then(|i| config.models.get(i));
-    let body_len = body.len();
     let (model, body_edit) = match pending.op.body_format() {
         BodyFormat::Json => {
-            let bytes = body.read(0, body_len)?;
+            let bytes = body.read(0, body.len())?;
             let field = model_field(&bytes)?;
             let model = match (from_path, &field) {
                 (Some(model), _) => model,
@@ -234,7 +229,6 @@ pub fn route_body<'c>(
         caller: &caller.name,
         model: Some(model),
         body_edit,
-        body_len,
     })
 }
 
@@ -381,7 +375,7 @@ impl Forward<'_> {
         set(&config.cluster_header, &self.upstream.cluster);
         if let Some(edit) = &self.body_edit {
             if headers::first(caller, "content-length").is_some() {
-                let length = edit.new_len(self.body_len).to_string();
+                let length = edit.new_len().to_string();
                 edits.push(HeaderEdit::Set(
                     Cow::Borrowed("content-length"),
                     Cow::Owned(length.into_bytes()),

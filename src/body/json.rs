@@ -73,6 +73,7 @@ pub fn json_model_edit(body: &[u8], field: Option<&ModelField<'_>>, deployment: 
             BodyEdit {
                 replace: field.span.end,
                 with,
+                body_len: body.len(),
             }
         }
         None => {
@@ -90,6 +91,7 @@ pub fn json_model_edit(body: &[u8], field: Option<&ModelField<'_>>, deployment: 
             BodyEdit {
                 replace: open + 1,
                 with,
+                body_len: body.len(),
             }
         }
     }
@@ -293,7 +295,7 @@ mod tests {
     fn apply(body: &str, edit: &BodyEdit) -> String {
         let mut out = edit.with.clone();
         out.extend_from_slice(&body.as_bytes()[edit.replace..]);
-        assert_eq!(out.len(), edit.new_len(body.len()));
+        assert_eq!(out.len(), edit.new_len());
         String::from_utf8(out).unwrap()
     }
 

@@ -39,10 +39,13 @@ impl BodySource for &[u8] {
 pub struct BodyEdit {
     pub replace: usize,
     pub with: Vec<u8>,
+    /// The whole body's length before the edit.
+    pub body_len: usize,
 }
 
 impl BodyEdit {
-    pub fn new_len(&self, old_len: usize) -> usize {
-        old_len - self.replace.min(old_len) + self.with.len()
+    /// The body's length after the edit (its new `content-length`).
+    pub fn new_len(&self) -> usize {
+        self.body_len - self.replace.min(self.body_len) + self.with.len()
     }
 }

@@ -177,6 +177,7 @@ pub fn multipart_model_edit(
             Ok(BodyEdit {
                 replace: field.span.end,
                 with,
+                body_len: body.len(),
             })
         }
         None => {
@@ -191,6 +192,7 @@ pub fn multipart_model_edit(
             Ok(BodyEdit {
                 replace: first,
                 with,
+                body_len: body.len(),
             })
         }
     }
@@ -444,7 +446,7 @@ mod tests {
     fn apply(bytes: &[u8], edit: &BodyEdit) -> Vec<u8> {
         let mut out = edit.with.clone();
         out.extend_from_slice(&bytes[edit.replace..]);
-        assert_eq!(out.len(), edit.new_len(bytes.len()));
+        assert_eq!(out.len(), edit.new_len());
         out
     }
 

@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub use api_version::{DEFAULT_API_VERSION, DEFAULT_PREVIEW_API_VERSION};
-pub use credential::{Credential, TokenRequest, DEFAULT_MAX_WAIT_MS, DEFAULT_TOKEN_TIMEOUT_MS};
-pub use endpoint::{parse_base_url, parse_endpoint, Endpoint, Scheme};
+pub use credential::Credential;
+pub use endpoint::{parse_endpoint, Endpoint};
 use raw::{RawCaller, RawConfig, RawModel, RawSecret};
 pub use upstream::{Flavor, Upstream, UpstreamAuth};
 
