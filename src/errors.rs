@@ -217,6 +217,22 @@ impl ApiError {
         .with_param("model")
     }
 
+    /// A top-level key that is `model` but for case: case-insensitive
+    /// parsers (Go's encoding/json) would read it as the model.
+    pub fn model_look_alike(key: &str) -> Self {
+        Self::new(
+            400,
+            INVALID_REQUEST,
+            "invalid_json",
+            format!(
+                "The request body has a top-level key `{}` that differs from 'model' only in \
+                 case; send the model once, as 'model'.",
+                echo(key)
+            ),
+        )
+        .with_param("model")
+    }
+
     /// No access token for a token upstream could be had in time. `reason`
     /// says what the identity endpoint did (status, error, AADSTS code).
     pub fn token_unavailable(upstream: &str, reason: Option<&str>, waited_ms: u64) -> Self {

@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use crate::auth::{authenticate, presented_key};
 use crate::body::{
-    boundary, find_field, json_model_edit, model_field, multipart_model_edit, BodyEdit, BodySource,
+    boundary, json_model_edit, model_field, multipart_model_edit, BodyEdit, BodySource,
+    FormScanner,
 };
 use crate::config::{Caller, Config, Model, Upstream, UpstreamAuth};
 use crate::errors::ApiError;
@@ -170,26 +171,67 @@ pub fn plan(config: &Config, admitted: Admitted) -> Result<Plan<'_>, ApiError> {
     }
 }
 
-/// Body phase, once the body is complete: model, allowlist, upstream path,
-/// and the body edit the upstream needs. `content_type` matters for
-/// multipart bodies.
-pub fn route_body<'c>(
+/// How a held request's body is read as it arrives.
+#[derive(Debug)]
+pub enum BodyReader {
+    /// Read whole at the end (the JSON is validated in one pass).
+    Json,
+    /// Scanned as it arrives, so that a form naming a model the caller may
+    /// not use is refused before the rest of the upload is in.
+    Form {
+        boundary: Vec<u8>,
+        scanner: FormScanner,
+    },
+}
+
+impl BodyReader {
+    /// Set up in the header phase, from the request's content type (every
+    /// value it was sent with: a form's must be sent once).
+    pub fn new(op: Operation, content_types: &[&[u8]]) -> Result<Self, ApiError> {
+        match op.body_format() {
+            BodyFormat::Json => Ok(BodyReader::Json),
+            BodyFormat::Multipart => {
+                if content_types.len() > 1 {
+                    return Err(ApiError::invalid_multipart(
+                        "the request has more than one Content-Type header",
+                    ));
+                }
+                let boundary = boundary(content_types.first().copied())?;
+                let scanner = FormScanner::new(&boundary);
+                Ok(BodyReader::Form { boundary, scanner })
+            }
+        }
+    }
+}
+
+/// Body phase, each time more of the body has arrived (`body` holds all of
+/// it so far, `complete` once it is whole): refuses as soon as the request
+/// cannot go (too large, a malformed form, a model the caller may not
+/// use), and once the body is complete says where it goes: model,
+/// allowlist, upstream path, and the body edit the upstream needs.
+pub fn read_body<'c>(
     config: &'c Config,
     pending: &Pending,
+    reader: &mut BodyReader,
     body: &mut dyn BodySource,
-    content_type: Option<&[u8]>,
-) -> Result<Forward<'c>, ApiError> {
+    complete: bool,
+) -> Result<Option<Forward<'c>>, ApiError> {
+    check_body_size(config, body.len())?;
     let caller = config
         .caller(pending.caller)
         .ok_or_else(|| ApiError::internal("unknown caller"))?;
     let from_path = pending.model.and_then(|i| config.models.get(i));
-    let (model, body_edit) = match pending.op.body_format() {
-        BodyFormat::Json => {
+    let (model, body_edit) = match reader {
+        BodyReader::Json => {
+            if !complete {
+                return Ok(None);
+            }
             let bytes = body.read(0, body.len())?;
             let field = model_field(&bytes)?;
-            let model = match (from_path, &field) {
+            let alias = field.as_ref().and_then(|f| f.value.as_deref());
+            let model = match (from_path, alias) {
                 (Some(model), _) => model,
-                (None, Some(field)) => resolve(config, caller, &field.value)?.1,
+                (None, Some(alias)) => resolve(config, caller, alias)?.1,
                 (None, None) => return Err(ApiError::missing_model()),
             };
             let upstream = upstream_of(config, model)?;
@@ -198,22 +240,27 @@ pub fn route_body<'c>(
                 .then(|| json_model_edit(&bytes, field.as_ref(), &model.deployment));
             (model, edit)
         }
-        BodyFormat::Multipart => {
-            let boundary = boundary(content_type)?;
-            let field = find_field(body, &boundary, "model")?;
-            let model = match (from_path, &field) {
+        BodyReader::Form { boundary, scanner } => {
+            scanner.advance(body, complete)?;
+            let field = scanner.field();
+            let model = match (from_path, field) {
                 (Some(model), _) => model,
+                // Checked as soon as the field is read, whole body or not.
                 (None, Some(field)) => resolve(config, caller, &field.value)?.1,
-                (None, None) => {
+                (None, None) if complete => {
                     return Err(ApiError::invalid_multipart("the form has no `model` field"))
                 }
+                (None, None) => return Ok(None),
             };
+            if !complete {
+                return Ok(None);
+            }
             let upstream = upstream_of(config, model)?;
             let edit = if upstream.model_in_body(pending.op) {
                 Some(multipart_model_edit(
                     body,
-                    &boundary,
-                    field.as_ref(),
+                    boundary,
+                    field,
                     &model.deployment,
                 )?)
             } else {
@@ -223,13 +270,13 @@ pub fn route_body<'c>(
         }
     };
     let upstream = upstream_of(config, model)?;
-    Ok(Forward {
+    Ok(Some(Forward {
         upstream,
         path: upstream.operation_path(pending.op, &model.deployment),
         caller: &caller.name,
         model: Some(model),
         body_edit,
-    })
+    }))
 }
 
 /// The model an alias names, if the caller may use it. Unknown and

@@ -1,5 +1,12 @@
 //! The top-level `model` of a JSON body, found in one validating pass that
 //! skips every other value without allocating it.
+//!
+//! Upstream servers do not all read JSON the same way, so the pass refuses
+//! what some of them could read differently: a body that is not UTF-8 (a
+//! lenient reader may pass bytes a strict one rejects), a second `model`,
+//! and a top-level key equal to `model` but for case (Go's encoding/json,
+//! behind Ollama and many OpenAI-compatible servers, matches keys without
+//! regard to case and keeps the last match).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -14,49 +21,60 @@ use crate::errors::ApiError;
 /// The `model` member of a request body.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ModelField<'a> {
-    /// The alias, unescaped.
-    pub value: Cow<'a, str>,
-    /// Where the JSON string literal (quotes included) sits in the body, for
+    /// The alias, unescaped; None for `"model": null` (which clients such
+    /// as LangChain's AzureChatOpenAI send, meaning "no model").
+    pub value: Option<Cow<'a, str>>,
+    /// Where the JSON literal (quotes included) sits in the body, for
     /// callers that rewrite it.
     pub span: Range<usize>,
 }
 
 /// Validates `body` as a JSON object and returns its single top-level
-/// string `model`. Keys are compared after unescaping, and a second `model`
-/// key is refused: the upstream might read the other one.
+/// string `model`; a missing or null `model` is an error.
 pub fn find_model(body: &[u8]) -> Result<ModelField<'_>, ApiError> {
-    model_field(body)?.ok_or_else(ApiError::missing_model)
+    match model_field(body)? {
+        Some(field) if field.value.is_some() => Ok(field),
+        _ => Err(ApiError::missing_model()),
+    }
 }
 
-/// As `find_model`, but a body without `model` is fine (None).
+/// As `find_model`, but a body without `model` (or with `"model": null`)
+/// is fine: None, or a field whose value is None.
 pub fn model_field(body: &[u8]) -> Result<Option<ModelField<'_>>, ApiError> {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    if first != Some(&b'{') {
-        return Err(match serde_json::from_slice::<IgnoredAny>(body) {
+    // JSON text is UTF-8 (RFC 8259); checked whole, because the pass below
+    // skips the strings it does not need without looking inside them.
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::invalid_json("the body is not valid UTF-8 text"))?;
+    let first = text.bytes().find(|b| !b.is_ascii_whitespace());
+    if first != Some(b'{') {
+        return Err(match serde_json::from_str::<IgnoredAny>(text) {
             Err(e) => ApiError::invalid_json(&e.to_string()),
             Ok(_) => ApiError::body_not_object(),
         });
     }
     let members: TopLevel<'_> =
-        serde_json::from_slice(body).map_err(|e| ApiError::invalid_json(&e.to_string()))?;
+        serde_json::from_str(text).map_err(|e| ApiError::invalid_json(&e.to_string()))?;
+    if let Some(key) = members.look_alike {
+        return Err(ApiError::model_look_alike(&key));
+    }
     if members.models > 1 {
         return Err(ApiError::duplicate_model());
     }
     let Some(raw) = members.model.map(RawValue::get) else {
         return Ok(None);
     };
-    let start = (raw.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
+    let start = (raw.as_ptr() as usize).wrapping_sub(text.as_ptr() as usize);
     let span = start..start.wrapping_add(raw.len());
     if body.get(span.clone()) != Some(raw.as_bytes()) {
         // RawValue borrows from `body`; anything else would be a serde_json change.
         return Err(ApiError::internal("could not locate the model in the body"));
     }
     let value = match raw.as_bytes().first() {
-        Some(b'"') => string_value(raw)?,
+        Some(b'"') => Some(string_value(raw)?),
+        Some(b'n') => None,
         Some(b'{') => return Err(ApiError::model_not_string("an object")),
         Some(b'[') => return Err(ApiError::model_not_string("an array")),
         Some(b't' | b'f') => return Err(ApiError::model_not_string("a boolean")),
-        Some(b'n') => return Err(ApiError::model_not_string("null")),
         _ => return Err(ApiError::model_not_string("a number")),
     };
     Ok(Some(ModelField { value, span }))
@@ -113,6 +131,8 @@ fn string_value(literal: &str) -> Result<Cow<'_, str>, ApiError> {
 struct TopLevel<'a> {
     model: Option<&'a RawValue>,
     models: usize,
+    /// The first key that reads as `model` to a case-insensitive parser.
+    look_alike: Option<String>,
 }
 
 impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
@@ -134,40 +154,73 @@ impl<'de> Visitor<'de> for TopLevelVisitor {
         let mut found = TopLevel {
             model: None,
             models: 0,
+            look_alike: None,
         };
-        while let Some(is_model) = map.next_key_seed(IsModelKey)? {
-            if is_model {
-                found.model = Some(map.next_value::<&'de RawValue>()?);
-                found.models += 1;
-            } else {
-                map.next_value::<IgnoredAny>()?;
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            match key {
+                Key::Model => {
+                    found.model = Some(map.next_value::<&'de RawValue>()?);
+                    found.models += 1;
+                }
+                Key::LookAlike(name) => {
+                    found.look_alike.get_or_insert(name);
+                    map.next_value::<IgnoredAny>()?;
+                }
+                Key::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
         }
         Ok(found)
     }
 }
 
-/// A map key, reduced to "is it `model`?" without allocating it.
-struct IsModelKey;
+/// A top-level key, reduced to what matters about it.
+enum Key {
+    Model,
+    /// Not `model`, but `model` to a parser that ignores case.
+    LookAlike(String),
+    Other,
+}
 
-impl<'de> DeserializeSeed<'de> for IsModelKey {
-    type Value = bool;
+/// Classifies a map key without allocating it (unless it is a look-alike).
+struct KeySeed;
 
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = Key;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Key, D::Error> {
         deserializer.deserialize_str(self)
     }
 }
 
-impl<'de> Visitor<'de> for IsModelKey {
-    type Value = bool;
+impl<'de> Visitor<'de> for KeySeed {
+    type Value = Key;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("an object key")
     }
 
-    fn visit_str<E>(self, key: &str) -> Result<bool, E> {
-        Ok(key == "model")
+    fn visit_str<E>(self, key: &str) -> Result<Key, E> {
+        Ok(if key == "model" {
+            Key::Model
+        } else if reads_as_model(key) {
+            Key::LookAlike(key.to_string())
+        } else {
+            Key::Other
+        })
     }
+}
+
+/// Whether a case-insensitive reader would take `key` for `model`. Go folds
+/// case with Unicode simple folding; lower-casing covers it (no non-ASCII
+/// letter folds to m, o, d, e or l) and errs on the side of refusing.
+fn reads_as_model(key: &str) -> bool {
+    if key.is_ascii() {
+        return key.eq_ignore_ascii_case("model");
+    }
+    // A look-alike has five letters of at most four bytes each.
+    key.len() <= 20 && key.to_lowercase() == "model"
 }
 
 #[cfg(test)]
@@ -175,7 +228,11 @@ mod tests {
     use super::*;
 
     fn model(body: &str) -> String {
-        find_model(body.as_bytes()).unwrap().value.into_owned()
+        find_model(body.as_bytes())
+            .unwrap()
+            .value
+            .unwrap()
+            .into_owned()
     }
 
     fn code(body: &[u8]) -> &'static str {
@@ -272,7 +329,6 @@ mod tests {
         for (body, found) in [
             (r#"{"model":1}"#, "a number"),
             (r#"{"model":-1.5}"#, "a number"),
-            (r#"{"model":null}"#, "null"),
             (r#"{"model":true}"#, "a boolean"),
             (r#"{"model":["a"]}"#, "an array"),
             (r#"{"model":{"a":1}}"#, "an object"),
@@ -281,6 +337,60 @@ mod tests {
             assert_eq!(error.code, "invalid_type");
             assert!(error.message.contains(found), "{body}: {}", error.message);
         }
+    }
+
+    #[test]
+    fn null_model_is_no_model_but_can_be_rewritten() {
+        assert_eq!(code(br#"{"model":null}"#), "missing_required_parameter");
+        let body = r#"{"model" : null,"messages":[]}"#;
+        let field = model_field(body.as_bytes()).unwrap().unwrap();
+        assert_eq!(field.value, None);
+        assert_eq!(&body[field.span.clone()], "null");
+        let edit = json_model_edit(body.as_bytes(), Some(&field), "dep");
+        assert_eq!(apply(body, &edit), r#"{"model" : "dep","messages":[]}"#);
+        // null beside a string is still two models.
+        assert_eq!(code(br#"{"model":null,"model":"a"}"#), "invalid_json");
+    }
+
+    #[test]
+    fn keys_that_are_model_but_for_case_are_refused() {
+        for body in [
+            r#"{"Model":"gpt-4o"}"#,
+            r#"{"model":"gpt-4o","MODEL":"secret"}"#,
+            r#"{"mOdEl":"x","messages":[]}"#,
+            r#"{"\u004dODEL":"x"}"#,
+            r#"{"model":"a","mode\u004c":"b"}"#,
+        ] {
+            let error = find_model(body.as_bytes()).unwrap_err();
+            assert_eq!((error.status, error.code), (400, "invalid_json"), "{body}");
+            assert!(error.message.contains("only in case"), "{body}");
+        }
+        // Nested look-alikes are not top-level keys; other near misses are fine.
+        assert_eq!(model(r#"{"tools":[{"Model":"x"}],"model":"m"}"#), "m");
+        assert_eq!(model(r#"{"models":"x","modeL ":"y","model":"m"}"#), "m");
+    }
+
+    #[test]
+    fn look_alike_check_covers_non_ascii_keys() {
+        assert!(reads_as_model("MODEL"));
+        assert!(!reads_as_model("model\u{0301}"));
+        assert!(!reads_as_model("mödel"));
+        assert!(!reads_as_model(&"é".repeat(20)));
+    }
+
+    #[test]
+    fn invalid_utf8_anywhere_is_refused() {
+        for body in [
+            &b"{\"model\":\"m\",\"input\":\"\xff\"}"[..],
+            b"{\"model\":\"m\",\"input\":\"\xc0\xaf\"}",
+            b"{\"model\":\"m\",\"input\":\"\xed\xa0\x80\"}",
+            b"{\"model\":\"m\",\"input\":[\"ok\",\"\xe2\x82\"]}",
+        ] {
+            let error = find_model(body).unwrap_err();
+            assert_eq!(error.code, "invalid_json", "{body:?}");
+            assert!(error.message.contains("UTF-8"), "{body:?}");
+        }
+        assert_eq!(model("{\"model\":\"m\",\"input\":\"h\u{e9}llo \u{1f600}\"}"), "m");
     }
 
     #[test]
@@ -322,7 +432,7 @@ mod tests {
             let edit = json_model_edit(body.as_bytes(), None, "dep");
             let rewritten = apply(body, &edit);
             assert_eq!(rewritten, expected);
-            assert_eq!(find_model(rewritten.as_bytes()).unwrap().value, "dep");
+            assert_eq!(find_model(rewritten.as_bytes()).unwrap().value.unwrap(), "dep");
         }
     }
 

@@ -6,7 +6,7 @@ mod json;
 mod multipart;
 
 pub use json::{find_model, json_model_edit, model_field, ModelField};
-pub use multipart::{boundary, find_field, multipart_model_edit, FormField};
+pub use multipart::{boundary, find_field, multipart_model_edit, FormField, FormScanner};
 
 use crate::errors::ApiError;
 

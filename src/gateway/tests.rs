@@ -89,8 +89,10 @@ fn route<'c>(
 ) -> Result<Forward<'c>, ApiError> {
     match plan(config, admitted.clone())? {
         Plan::ReadBody(pending) => {
+            let mut reader = BodyReader::new(pending.op, &[content_type.as_bytes()])?;
             let mut source: &[u8] = body;
-            route_body(config, &pending, &mut source, Some(content_type.as_bytes()))
+            let forward = read_body(config, &pending, &mut reader, &mut source, true)?;
+            Ok(forward.expect("a complete body is routed"))
         }
         Plan::Forward(forward) => Ok(forward),
         Plan::Answer(..) => panic!("answered"),
