@@ -158,6 +158,30 @@ impl ApiError {
         )
     }
 
+    /// A known query parameter with a value the gateway does not forward.
+    pub fn invalid_query_parameter(name: &'static str) -> Self {
+        Self::new(
+            400,
+            INVALID_REQUEST,
+            "invalid_value",
+            format!(
+                "The query parameter '{name}' must be letters, digits, '.', '_' or '-' \
+                 (at most 256)."
+            ),
+        )
+        .with_param(name)
+    }
+
+    pub fn repeated_query_parameter(name: &'static str) -> Self {
+        Self::new(
+            400,
+            INVALID_REQUEST,
+            "invalid_value",
+            format!("The query parameter '{name}' was sent more than once; send it once."),
+        )
+        .with_param(name)
+    }
+
     /// A stored response the caller cannot reach through this gateway (or
     /// the gateway does not know where responses are stored).
     pub fn response_not_found(id: &str) -> Self {
@@ -182,6 +206,23 @@ impl ApiError {
                 "Your key was accepted, but the Azure OpenAI resource behind upstream `{upstream}` \
                  rejected the gateway's credential ({}). The gateway's operators need to fix its \
                  upstream authentication.",
+                echo(detail)
+            ),
+        )
+    }
+
+    /// An upstream error answer the gateway could not read, replaced.
+    pub fn upstream_unreadable(upstream: &str, status: u16, detail: &str) -> Self {
+        Self::new(
+            status,
+            if status >= 500 {
+                "server_error"
+            } else {
+                INVALID_REQUEST
+            },
+            "upstream_error",
+            format!(
+                "The Azure OpenAI resource behind upstream `{upstream}` refused the request ({}).",
                 echo(detail)
             ),
         )
@@ -258,6 +299,20 @@ impl ApiError {
             "server_error",
             "gateway_error",
             format!("The gateway could not process the request: {what}."),
+        )
+    }
+
+    /// Envoy never delivered the body of a request the filter held for it:
+    /// the Wasm filter lacks `allow_on_headers_stop_iteration: true`.
+    pub fn body_never_delivered() -> Self {
+        Self::new(
+            500,
+            "server_error",
+            "gateway_error",
+            "The gateway is misconfigured: Envoy did not deliver the request body to the filter. \
+             Its operators must set `allow_on_headers_stop_iteration: true` in the Wasm filter's \
+             config."
+                .into(),
         )
     }
 

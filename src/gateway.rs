@@ -10,8 +10,7 @@ use serde::Serialize;
 
 use crate::auth::{authenticate, presented_key};
 use crate::body::{
-    boundary, json_model_edit, model_field, multipart_model_edit, BodyEdit, BodySource,
-    FormScanner,
+    boundary, json_model_edit, model_field, multipart_model_edit, BodyEdit, BodySource, FormScanner,
 };
 use crate::config::{Caller, Config, Model, Upstream, UpstreamAuth};
 use crate::errors::ApiError;
@@ -377,9 +376,10 @@ impl Forward<'_> {
     }
 
     /// The header edits, given the caller's headers: drop the caller's
-    /// credentials, set authority, path and routing header (replacing any
-    /// value the caller sent in it), fix `content-length` after a body
-    /// edit, then add the upstream's credential. For a token upstream,
+    /// credentials (only those it sent: each edit is a host call), set
+    /// authority, path and routing header (replacing any value the caller
+    /// sent in it), ask for an uncompressed answer, fix `content-length`
+    /// after a body edit, then add the upstream's credential. For a token upstream,
     /// `token` is the bearer token; without one the caller's
     /// `authorization` is removed and the bearer is added later (a request
     /// held until a token arrives).
@@ -405,7 +405,7 @@ impl Forward<'_> {
             Some(HeaderEdit::Set(name, _)) => name.as_ref(),
             _ => "",
         };
-        let mut edits = Vec::with_capacity(7);
+        let mut edits = Vec::with_capacity(8);
         for name in CALLER_CREDENTIAL_HEADERS {
             if name != overwritten && headers::first(caller, name).is_some() {
                 edits.push(HeaderEdit::Remove(name));
@@ -420,6 +420,9 @@ impl Forward<'_> {
         set(":authority", &self.upstream.authority);
         set(":path", &self.path);
         set(&config.cluster_header, &self.upstream.cluster);
+        // Answers come back uncompressed, so that the filter can read the
+        // ones it must (errors to translate) whatever the caller accepts.
+        set("accept-encoding", "identity");
         if let Some(edit) = &self.body_edit {
             if headers::first(caller, "content-length").is_some() {
                 let length = edit.new_len().to_string();

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod body_watch;
 pub mod config;
 pub mod errors;
 pub mod gateway;

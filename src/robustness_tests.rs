@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::headers;
 use crate::routes::classify;
 use crate::token::{parse_token_response, TokenState};
-use crate::upstream_errors::translate;
+use crate::upstream_errors::{translate, Encoding};
 
 /// xorshift64*: deterministic, so a failure reproduces.
 struct Rng(u64);
@@ -151,7 +151,31 @@ fn identity_endpoint_and_azure_error_readers_never_panic() {
     for i in 0..ROUNDS {
         let body = rng.mutate(seeds[i % seeds.len()]);
         let _ = parse_token_response(Some([200, 400, 401, 503][i % 4]), &body);
-        let _ = translate([401, 404][i % 2], &body, "alias", "upstream");
+        let _ = translate(
+            [401, 404][i % 2],
+            &body,
+            &Encoding::Identity,
+            "alias",
+            "upstream",
+        );
+        // Mutated compressed answers go through the decoders too.
+        let mut gzipped = vec![0x1f, 0x8b, 8, rng.below(32) as u8, 0, 0, 0, 0, 0, 3];
+        gzipped.extend(miniz_oxide::deflate::compress_to_vec(&body, 1));
+        let _ = translate(
+            404,
+            &rng.mutate(&gzipped),
+            &Encoding::Gzip,
+            "alias",
+            "upstream",
+        );
+        let zlib = miniz_oxide::deflate::compress_to_vec_zlib(&body, 1);
+        let _ = translate(
+            404,
+            &rng.mutate(&zlib),
+            &Encoding::Deflate,
+            "alias",
+            "upstream",
+        );
         let _ = TokenState::decode(&body);
     }
 }

@@ -115,8 +115,8 @@ pub enum Inbound {
     StoredResponse {
         id: String,
         tail: StoredTail,
-        /// The caller's query string without `api-version` (pagination of
-        /// input items, `include[]`, ...).
+        /// The Responses API parameters of the caller's query string
+        /// (`include[]`, pagination, ...), re-encoded; `?`-prefixed or empty.
         query: String,
     },
     ListModels,
@@ -133,8 +133,8 @@ impl Inbound {
 }
 
 /// Classifies a request; unknown paths get 404 and known paths with another
-/// method get 405. Except for stored responses, the caller's query string
-/// plays no part and is not forwarded.
+/// method get 405. Except for a stored response's known parameters, the
+/// caller's query string plays no part and is not forwarded.
 pub fn classify(method: &[u8], path_and_query: &[u8]) -> Result<Inbound, ApiError> {
     let (path, query) = match path_and_query.iter().position(|&b| b == b'?') {
         Some(at) => path_and_query.split_at(at),
@@ -144,21 +144,24 @@ pub fn classify(method: &[u8], path_and_query: &[u8]) -> Result<Inbound, ApiErro
     let Ok(text) = std::str::from_utf8(path) else {
         return Err(unknown());
     };
-    let (inbound, allowed) = match_path(text, query).ok_or_else(unknown)?;
+    let (mut inbound, allowed) = match_path(text).ok_or_else(unknown)?;
     if !allowed.split(", ").any(|m| m.as_bytes() == method) {
         return Err(ApiError::method_not_allowed(method, text, allowed));
+    }
+    if let Inbound::StoredResponse { query: kept, .. } = &mut inbound {
+        *kept = responses_query(query)?;
     }
     Ok(inbound)
 }
 
 /// The request a path names, and the methods it takes.
-fn match_path(path: &str, query: &[u8]) -> Option<(Inbound, &'static str)> {
+fn match_path(path: &str) -> Option<(Inbound, &'static str)> {
     // The OpenAI prefixes: /v1/ (OpenAI SDKs) and /openai/v1/ (Azure's v1 API).
     let rest = path
         .strip_prefix("/v1/")
         .or_else(|| path.strip_prefix("/openai/v1/"));
     if let Some(rest) = rest {
-        return match_openai_path(rest, query);
+        return match_openai_path(rest);
     }
     let rest = path.strip_prefix("/openai/")?;
     if let Some(rest) = rest.strip_prefix("deployments/") {
@@ -172,12 +175,10 @@ fn match_path(path: &str, query: &[u8]) -> Option<(Inbound, &'static str)> {
         || rest == "models"
         || rest.starts_with("responses/")
         || rest.starts_with("models/");
-    resource_level
-        .then(|| match_openai_path(rest, query))
-        .flatten()
+    resource_level.then(|| match_openai_path(rest)).flatten()
 }
 
-fn match_openai_path(rest: &str, query: &[u8]) -> Option<(Inbound, &'static str)> {
+fn match_openai_path(rest: &str) -> Option<(Inbound, &'static str)> {
     if let Some(op) = Operation::from_name(rest) {
         return Some((Inbound::Model { op }, "POST"));
     }
@@ -204,26 +205,74 @@ fn match_openai_path(rest: &str, query: &[u8]) -> Option<(Inbound, &'static str)
         let inbound = Inbound::StoredResponse {
             id: id.to_string(),
             tail,
-            query: without_api_version(query),
+            query: String::new(),
         };
         (inbound, methods)
     })
 }
 
-/// The query string (with its `?`) minus any `api-version` parameter.
-fn without_api_version(query: &[u8]) -> String {
-    let query = String::from_utf8_lossy(query.strip_prefix(b"?").unwrap_or(query)).into_owned();
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .filter(|pair| pair.split('=').next() != Some("api-version"))
-        .filter(|pair| pair.bytes().all(|b| b.is_ascii_graphic() && b != b'#'))
-        .collect();
-    if kept.is_empty() {
-        String::new()
-    } else {
-        format!("?{}", kept.join("&"))
+/// The Responses API's query parameters on stored responses; `include[]`
+/// may repeat.
+const RESPONSES_PARAMETERS: [&str; 7] = [
+    "include[]",
+    "limit",
+    "order",
+    "after",
+    "before",
+    "stream",
+    "starting_after",
+];
+
+/// The caller's query string (with its `?`) reduced to the Responses API's
+/// known parameters, decoded, checked and encoded again; anything else
+/// (`api-version` in any spelling, a credential, unknown parameters) is
+/// dropped. A known parameter with a value outside `[A-Za-z0-9._-]`, or
+/// repeated (but `include[]`), is refused: servers differ on which copy
+/// they read.
+fn responses_query(query: &[u8]) -> Result<String, ApiError> {
+    let query = query.strip_prefix(b"?").unwrap_or(query);
+    let mut kept: Vec<(&'static str, String)> = Vec::new();
+    for pair in query.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
+        let (key, value) = match pair.iter().position(|&b| b == b'=') {
+            Some(at) => {
+                let (key, rest) = pair.split_at(at);
+                (key, rest.get(1..).unwrap_or_default())
+            }
+            None => (pair, &b""[..]),
+        };
+        let Some(key) = query_decode(key)
+            .and_then(|k| RESPONSES_PARAMETERS.into_iter().find(|known| *known == k))
+        else {
+            continue;
+        };
+        let value = query_decode(value)
+            .filter(|v| {
+                !v.is_empty()
+                    && v.len() <= 256
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            })
+            .ok_or_else(|| ApiError::invalid_query_parameter(key))?;
+        if key != "include[]" && kept.iter().any(|(k, _)| *k == key) {
+            return Err(ApiError::repeated_query_parameter(key));
+        }
+        kept.push((key, value));
     }
+    if kept.is_empty() {
+        return Ok(String::new());
+    }
+    let pairs: Vec<String> = kept
+        .iter()
+        .map(|(key, value)| format!("{}={value}", key.replace('[', "%5B").replace(']', "%5D")))
+        .collect();
+    Ok(format!("?{}", pairs.join("&")))
+}
+
+/// A query-string key or value decoded (`%XX`, `+` as space); None when
+/// malformed.
+fn query_decode(bytes: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(bytes).ok()?.replace('+', " ");
+    percent_decode(&text)
 }
 
 /// `%XX` escapes decoded; None for a bad escape or non-UTF-8 result.
@@ -329,7 +378,7 @@ mod tests {
             Inbound::StoredResponse {
                 id: "resp_abc-1".into(),
                 tail: StoredTail::Itself,
-                query: "?include[]=x".into()
+                query: "?include%5B%5D=x".into()
             }
         );
         assert!(classify(b"DELETE", b"/openai/responses/resp_1").is_ok());
@@ -358,6 +407,75 @@ mod tests {
             404
         );
         assert_eq!(classify(b"GET", b"/v1/responses/").unwrap_err().status, 404);
+        // Response ids are capped at 256 characters.
+        let longest = format!("/v1/responses/{}", "r".repeat(256));
+        assert!(classify(b"GET", longest.as_bytes()).is_ok());
+        let too_long = format!("/v1/responses/{}", "r".repeat(257));
+        assert_eq!(
+            classify(b"GET", too_long.as_bytes()).unwrap_err().status,
+            404
+        );
+    }
+
+    fn stored_query(query: &str) -> Result<String, ApiError> {
+        let path = format!("/v1/responses/resp_1/input_items?{query}");
+        match classify(b"GET", path.as_bytes())? {
+            Inbound::StoredResponse { query, .. } => Ok(query),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn stored_response_queries_keep_only_known_parameters() {
+        assert_eq!(
+            stored_query("include%5B%5D=file_search_call.results&include[]=message.input_image.image_url&limit=20&order=desc&after=msg_1&before=msg_9").unwrap(),
+            "?include%5B%5D=file_search_call.results&include%5B%5D=message.input_image.image_url&limit=20&order=desc&after=msg_1&before=msg_9"
+        );
+        assert_eq!(
+            stored_query("stream=true&starting_after=3").unwrap(),
+            "?stream=true&starting_after=3"
+        );
+        // Credentials and api-versions in any spelling never go upstream.
+        for dropped in [
+            "api-key=sk-caller",
+            "api-version=2024-10-21",
+            "Api-Version=1",
+            "API-VERSION=1",
+            "api%2Dversion=1",
+            "api-version",
+            "key=sk-caller",
+            "Limit=5",
+            "include=x",
+            "%zz=1",
+            "&&",
+        ] {
+            assert_eq!(stored_query(dropped).unwrap(), "", "{dropped}");
+        }
+        assert_eq!(
+            stored_query("api-key=sk-caller&limit=2&subscription-key=x").unwrap(),
+            "?limit=2"
+        );
+    }
+
+    #[test]
+    fn stored_response_query_values_are_checked() {
+        for (query, code) in [
+            ("limit=1&limit=2", "invalid_request_error"),
+            ("order=asc&order=desc", "invalid_request_error"),
+            ("limit=", "invalid_request_error"),
+            ("after=a%26api-version%3D1", "invalid_request_error"),
+            ("after=a%20b", "invalid_request_error"),
+            ("after=a+b", "invalid_request_error"),
+            ("include%5B%5D=%ff", "invalid_request_error"),
+            ("limit=%zz", "invalid_request_error"),
+        ] {
+            let error = stored_query(query).unwrap_err();
+            assert_eq!((error.status, error.kind), (400, code), "{query}");
+        }
+        let long = format!("after={}", "a".repeat(257));
+        assert!(stored_query(&long).is_err());
+        let longest = format!("after={}", "a".repeat(256));
+        assert!(stored_query(&longest).is_ok());
     }
 
     #[test]

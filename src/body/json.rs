@@ -390,7 +390,10 @@ mod tests {
             assert_eq!(error.code, "invalid_json", "{body:?}");
             assert!(error.message.contains("UTF-8"), "{body:?}");
         }
-        assert_eq!(model("{\"model\":\"m\",\"input\":\"h\u{e9}llo \u{1f600}\"}"), "m");
+        assert_eq!(
+            model("{\"model\":\"m\",\"input\":\"h\u{e9}llo \u{1f600}\"}"),
+            "m"
+        );
     }
 
     #[test]
@@ -432,7 +435,10 @@ mod tests {
             let edit = json_model_edit(body.as_bytes(), None, "dep");
             let rewritten = apply(body, &edit);
             assert_eq!(rewritten, expected);
-            assert_eq!(find_model(rewritten.as_bytes()).unwrap().value.unwrap(), "dep");
+            assert_eq!(
+                find_model(rewritten.as_bytes()).unwrap().value.unwrap(),
+                "dep"
+            );
         }
     }
 

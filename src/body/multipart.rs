@@ -81,11 +81,14 @@ pub fn boundary(content_type: Option<&[u8]>) -> Result<Vec<u8>, ApiError> {
     Ok(value.into_bytes())
 }
 
+/// A header value's parameters, keys lower-cased.
+type Params = Vec<(String, String)>;
+
 /// A header value `type *( OWS ";" OWS key OWS "=" OWS value )` read
 /// strictly: the type is returned as is, keys lower-cased. Refused: a
 /// repeated key, an extended `key*` parameter, a backslash, a control or
 /// non-ASCII byte outside a quoted string, an empty parameter.
-fn parameters(value: &[u8]) -> Result<(String, Vec<(String, String)>), &'static str> {
+fn parameters(value: &[u8]) -> Result<(String, Params), &'static str> {
     let mut at = 0;
     let skip_ows = |at: &mut usize| {
         while matches!(value.get(*at), Some(b' ' | b'\t')) {
@@ -110,7 +113,7 @@ fn parameters(value: &[u8]) -> Result<(String, Vec<(String, String)>), &'static 
     if kind.is_empty() {
         return Err("is malformed");
     }
-    let mut params: Vec<(String, String)> = Vec::new();
+    let mut params: Params = Vec::new();
     loop {
         skip_ows(&mut at);
         match value.get(at) {
@@ -229,7 +232,9 @@ impl FormScanner {
             };
             if !progressed {
                 return if complete {
-                    Err(ApiError::invalid_multipart("the multipart body is truncated"))
+                    Err(ApiError::invalid_multipart(
+                        "the multipart body is truncated",
+                    ))
                 } else {
                     Ok(())
                 };
@@ -387,7 +392,9 @@ impl FormScanner {
 }
 
 fn no_leading_boundary() -> ApiError {
-    ApiError::invalid_multipart("the body does not start with the boundary the content type declares")
+    ApiError::invalid_multipart(
+        "the body does not start with the boundary the content type declares",
+    )
 }
 
 fn stray_boundary() -> ApiError {
@@ -895,7 +902,10 @@ mod tests {
         let long = body(&[part("model", None, &[b'a'; 2000])]);
         assert!(refused(&long).contains("too long"));
         let longest = body(&[part("model", None, &[b'a'; MAX_MODEL_VALUE])]);
-        assert_eq!(model(&longest).unwrap().unwrap().value.len(), MAX_MODEL_VALUE);
+        assert_eq!(
+            model(&longest).unwrap().unwrap().value.len(),
+            MAX_MODEL_VALUE
+        );
         let one_more = body(&[part("model", None, &[b'a'; MAX_MODEL_VALUE + 1])]);
         assert!(refused(&one_more).contains("too long"));
         let binary = body(&[part("model", None, b"\xff\xfe")]);
@@ -913,7 +923,10 @@ mod tests {
 
     #[test]
     fn long_part_headers_are_refused() {
-        let name = format!("Content-Disposition: form-data; name=\"a\"\r\nX-Pad: {}", "p".repeat(MAX_PART_HEADERS));
+        let name = format!(
+            "Content-Disposition: form-data; name=\"a\"\r\nX-Pad: {}",
+            "p".repeat(MAX_PART_HEADERS)
+        );
         assert!(refused(&body(&[raw_part(&name, b"x")])).contains("too long"));
     }
 
@@ -944,7 +957,11 @@ mod tests {
         }
         fn read(&mut self, start: usize, len: usize) -> Result<Vec<u8>, ApiError> {
             let end = (start + len).min(self.available);
-            let out = self.bytes.get(start.min(end)..end).unwrap_or_default().to_vec();
+            let out = self
+                .bytes
+                .get(start.min(end)..end)
+                .unwrap_or_default()
+                .to_vec();
             self.largest = self.largest.max(out.len());
             self.total += out.len();
             self.reads += 1;
@@ -961,7 +978,11 @@ mod tests {
         scanner.advance(&mut source, true).unwrap();
         assert_eq!(scanner.field().unwrap().value, "w");
         assert!(source.largest <= READ_AHEAD + 64, "{}", source.largest);
-        assert!(source.total < bytes.len() + bytes.len() / 100, "{}", source.total);
+        assert!(
+            source.total < bytes.len() + bytes.len() / 100,
+            "{}",
+            source.total
+        );
     }
 
     #[test]
@@ -973,13 +994,22 @@ mod tests {
         let mut source = Counting::new(&bytes);
         let mut scanner = FormScanner::new(B);
         assert!(scanner.advance(&mut source, true).is_err());
-        assert!(source.total < (MAX_PARTS + 10) * tiny.len() + 2 * READ_AHEAD, "{}", source.total);
+        assert!(
+            source.total < (MAX_PARTS + 10) * tiny.len() + 2 * READ_AHEAD,
+            "{}",
+            source.total
+        );
         // Just under the cap, a whole form of tiny parts reads each byte about once.
         let bytes = body(&vec![tiny; MAX_PARTS]);
         let mut source = Counting::new(&bytes);
         let mut scanner = FormScanner::new(B);
         scanner.advance(&mut source, true).unwrap();
-        assert!(source.total < bytes.len() + READ_AHEAD, "{} of {}", source.total, bytes.len());
+        assert!(
+            source.total < bytes.len() + READ_AHEAD,
+            "{} of {}",
+            source.total,
+            bytes.len()
+        );
     }
 
     #[test]
@@ -1006,7 +1036,10 @@ mod tests {
             assert_eq!(field.value, "whisper-1", "piece {piece}");
             assert_eq!(&bytes[field.span.clone()], b"whisper-1");
             // Known long before the upload is in.
-            assert!(known_at.unwrap() < 200 + piece, "piece {piece}: {known_at:?}");
+            assert!(
+                known_at.unwrap() < 200 + piece,
+                "piece {piece}: {known_at:?}"
+            );
         }
         // Refusals are the same too.
         let bad = body(&[part("model", None, b"a"), part("model", None, b"b")]);

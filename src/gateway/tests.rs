@@ -673,6 +673,7 @@ fn header_edits_swap_credentials_and_route() {
                 b"/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"
             ),
             set("x-azure-openai-cluster", b"azure_west"),
+            set("accept-encoding", b"identity"),
             set("api-key", b"west-secret"),
         ]
     );
@@ -688,11 +689,20 @@ fn header_edits_remove_only_what_the_caller_sent() {
         &json!({"model": "gpt-4o-mini"}),
     )
     .unwrap();
+    // The caller sent only the header the upstream's credential overwrites:
+    // nothing to remove.
+    let caller: Vec<Header> = vec![(b"api-key", b"key-a")];
+    let edits = forward.header_edits(&config, &caller, None);
+    assert!(
+        !edits.iter().any(|e| matches!(e, HeaderEdit::Remove(_))),
+        "{edits:?}"
+    );
+    assert_eq!(edits.last(), Some(&set("api-key", b"east-secret")));
+    // Authorization, sent, is removed; api-key is overwritten, not removed.
     let caller: Vec<Header> = vec![(b"authorization", b"Bearer key-a")];
     let edits = forward.header_edits(&config, &caller, None);
     assert_eq!(edits[0], HeaderEdit::Remove("authorization"));
     assert!(!edits.contains(&HeaderEdit::Remove("api-key")));
-    assert_eq!(edits.last(), Some(&set("api-key", b"east-secret")));
     assert_eq!(forward.token_credential(), None);
 }
 

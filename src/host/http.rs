@@ -1,14 +1,17 @@
 //! One request. On its headers the filter admits it and either answers
 //! (rejections, the model list), forwards it at once (the model is in the
-//! path, or no model is needed), or holds the headers until the body is in
-//! to find the model there. A request to a token upstream with no token
-//! yet waits (paused) until the root resumes or answers it.
+//! path, or no model is needed), or holds the headers while the body comes
+//! in, reading it as it arrives (a form is refused as soon as its model is
+//! known to be off limits), and routes it once the body is whole. A request
+//! to a token upstream with no token yet waits (paused) until the root
+//! resumes or answers it.
 //!
 //! Responses stream through untouched, except Azure error answers that
-//! OpenAI SDKs would misread (see `upstream_errors`), which are read whole.
+//! OpenAI SDKs would misread (see `upstream_errors`), which are held and
+//! read whole.
 //!
 //! Host calls per forwarded request: one to read every header, one to read
-//! the body, then one per header edit (about five).
+//! the body, then one per header edit (about six).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -20,26 +23,26 @@ use super::abi::{self, Buffer, HeaderMap, Status};
 use super::log;
 use super::tokens::{Lookup, Tokens};
 use crate::body::BodySource;
+use crate::body_watch::BodyWatch;
 use crate::config::Config;
 use crate::errors::ApiError;
-use crate::gateway::{self, Forward, HeaderEdit, Pending, Plan, RequestHead};
+use crate::gateway::{self, BodyReader, Forward, HeaderEdit, Pending, Plan, RequestHead};
 use crate::headers::{self, Header};
-use crate::upstream_errors;
-
-/// Error answers larger than this are passed through unread.
-const MAX_TRANSLATED_ERROR_BYTES: usize = 64 * 1024;
+use crate::upstream_errors::{self, Encoding, MAX_TRANSLATED_ERROR_BYTES};
 
 enum State {
     /// Headers not seen yet.
     New,
-    /// Waiting for the whole body. Holds the encoded request headers.
-    AwaitingBody(Pending, Vec<u8>),
+    /// Held on its headers while the body comes in. Holds the encoded
+    /// request headers.
+    AwaitingBody(Pending, BodyReader, Vec<u8>),
     /// Waiting for its upstream's token; the root resumes or answers it.
     WaitingForToken,
-    /// On its way upstream (or answered by the filter).
-    Forwarded,
-    /// An Azure error answer with this status, read whole to translate.
-    ReadingError(u16),
+    /// On its way upstream; `Some(n)` when its body streams through
+    /// unread, `n` bytes of it so far (held to the body limit all the same).
+    Forwarded(Option<usize>),
+    /// Answered by the filter.
+    Answered,
 }
 
 /// What an Azure error answer needs to be translated.
@@ -48,27 +51,42 @@ struct Translation {
     upstream: String,
 }
 
+/// An Azure error answer held whole to be translated.
+struct HeldError {
+    status: u16,
+    encoding: Encoding,
+}
+
+/// What the VM's requests share, owned by the root.
+#[derive(Clone)]
+pub struct Shared {
+    pub config: Option<Rc<Config>>,
+    pub tokens: Option<Rc<RefCell<Tokens>>>,
+    pub body_watch: Rc<RefCell<BodyWatch>>,
+}
+
 pub struct Request {
     id: u32,
-    config: Option<Rc<Config>>,
-    tokens: Option<Rc<RefCell<Tokens>>>,
+    shared: Shared,
     state: State,
     translation: Option<Translation>,
+    held_error: Option<HeldError>,
 }
 
 impl Request {
-    pub fn new(id: u32, config: Option<Rc<Config>>, tokens: Option<Rc<RefCell<Tokens>>>) -> Self {
+    pub fn new(id: u32, shared: Shared) -> Self {
         Request {
             id,
-            config,
-            tokens,
+            shared,
             state: State::New,
             translation: None,
+            held_error: None,
         }
     }
 
     fn config(&self) -> Result<Rc<Config>, ApiError> {
-        self.config
+        self.shared
+            .config
             .clone()
             .ok_or_else(|| ApiError::internal("the filter is not configured"))
     }
@@ -82,33 +100,58 @@ impl Request {
         let admitted = gateway::admit(&config, &head)?;
         match gateway::plan(&config, admitted)? {
             Plan::Answer(status, body) => {
-                self.state = State::Forwarded;
+                self.state = State::Answered;
                 send_json(status, &body);
                 Ok(Action::Pause)
             }
-            Plan::Forward(forward) => self.forward(&config, &forward, &request_headers),
+            Plan::Forward(forward) => {
+                let action = self.forward(&config, &forward, &request_headers)?;
+                if !end_of_stream {
+                    if let State::Forwarded(streamed) = &mut self.state {
+                        *streamed = Some(0);
+                    }
+                }
+                Ok(action)
+            }
             Plan::ReadBody(pending) => {
+                let content_types: Vec<&[u8]> =
+                    headers::values(&request_headers, "content-type").collect();
+                let reader = BodyReader::new(pending.op, &content_types)?;
                 // Hold the headers; with allow_on_headers_stop_iteration the
                 // body still arrives, and the headers can change once it has.
-                self.state = State::AwaitingBody(pending, encoded);
+                self.state = State::AwaitingBody(pending, reader, encoded);
+                let first = self
+                    .shared
+                    .body_watch
+                    .try_borrow_mut()
+                    .is_ok_and(|mut watch| watch.hold(self.id, abi::now_ms()));
+                // The root must tick to check on it (it does anyway with tokens).
+                if first && self.shared.tokens.is_none() {
+                    let _ = abi::set_tick_period_ms(super::root::WATCH_TICK_MS);
+                }
                 Ok(Action::Pause)
             }
         }
     }
 
-    /// The body is complete: route the request on it and forward it.
-    fn on_complete_body(
-        &mut self,
-        pending: Pending,
-        encoded_headers: &[u8],
-        body_size: usize,
-    ) -> Result<Action, ApiError> {
+    /// More of a held request's body is in (all of it when `complete`):
+    /// refuse early, keep holding, or route and forward.
+    fn on_body(&mut self, body_size: usize, complete: bool) -> Result<Action, ApiError> {
         let config = self.config()?;
-        gateway::check_body_size(&config, body_size)?;
-        let request_headers = headers::decode(encoded_headers).ok_or_else(unreadable_headers)?;
-        let content_type = headers::first(&request_headers, "content-type");
+        let State::AwaitingBody(pending, mut reader, encoded_headers) =
+            std::mem::replace(&mut self.state, State::Answered)
+        else {
+            return Ok(Action::Continue);
+        };
         let mut body = EnvoyBody { len: body_size };
-        let forward = gateway::route_body(&config, &pending, &mut body, content_type)?;
+        let Some(forward) =
+            gateway::read_body(&config, &pending, &mut reader, &mut body, complete)?
+        else {
+            self.state = State::AwaitingBody(pending, reader, encoded_headers);
+            return Ok(Action::Pause); // buffer until the whole body is in
+        };
+        self.release_watch();
+        let request_headers = headers::decode(&encoded_headers).ok_or_else(unreadable_headers)?;
         if let Some(edit) = &forward.body_edit {
             abi::set_buffer(Buffer::RequestBody, 0, edit.replace, &edit.with)
                 .map_err(|_| ApiError::internal("could not rewrite the request body"))?;
@@ -124,7 +167,7 @@ impl Request {
         forward: &Forward<'_>,
         request_headers: &[Header<'_>],
     ) -> Result<Action, ApiError> {
-        self.state = State::Forwarded;
+        self.state = State::Forwarded(None);
         self.translation = forward
             .model
             .filter(|_| forward.upstream.is_azure())
@@ -133,10 +176,13 @@ impl Request {
                 upstream: forward.upstream.name.clone(),
             });
         let alias = forward.model.map_or("-", |m| m.alias.as_str());
+        // The path without its query: a query is never logged.
+        let path = forward.path.split('?').next().unwrap_or_default();
         let token = match forward.token_credential() {
             None => None,
             Some(credential) => {
                 let tokens = self
+                    .shared
                     .tokens
                     .as_ref()
                     .ok_or_else(|| ApiError::internal("token credentials are not set up"))?;
@@ -175,23 +221,27 @@ impl Request {
             |status| {
                 log::error(format_args!(
                     "request {}: Envoy refused a header change (status {}); is \
-                 allow_on_headers_stop_iteration set on the Wasm filter?",
+                     allow_on_headers_stop_iteration: true set on the Wasm filter?",
                     self.id, status.0
                 ));
-                ApiError::internal("could not rewrite the request")
+                ApiError::internal(
+                    "Envoy refused to let the filter rewrite the request (its operators must \
+                     set `allow_on_headers_stop_iteration: true` on the Wasm filter)",
+                )
             },
         )?;
         log::debug(format_args!(
-            "request {}: caller `{}` model `{alias}` -> upstream `{}` {}",
-            self.id, forward.caller, forward.upstream.name, forward.path
+            "request {}: caller `{}` model `{alias}` -> upstream `{}` {path}",
+            self.id, forward.caller, forward.upstream.name
         ));
         Ok(Action::Continue)
     }
 
     /// Answers with the OpenAI error JSON; nothing goes upstream.
     fn reject(&mut self, error: &ApiError) -> Action {
-        self.state = State::Forwarded;
+        self.state = State::Answered;
         self.translation = None;
+        self.release_watch();
         log::debug(format_args!(
             "request {}: answered {} {}",
             self.id, error.status, error.code
@@ -204,6 +254,12 @@ impl Request {
         match outcome {
             Ok(action) => action,
             Err(error) => self.reject(&error),
+        }
+    }
+
+    fn release_watch(&self) {
+        if let Ok(mut watch) = self.shared.body_watch.try_borrow_mut() {
+            watch.release(self.id);
         }
     }
 }
@@ -272,10 +328,14 @@ impl Drop for Request {
     fn drop(&mut self) {
         // A caller that went away while waiting leaves nothing behind. If the
         // root is busy with the waiters right now it skips gone requests.
-        if let (State::WaitingForToken, Some(tokens)) = (&self.state, &self.tokens) {
-            if let Ok(mut tokens) = tokens.try_borrow_mut() {
-                tokens.release(self.id);
+        match (&self.state, &self.shared.tokens) {
+            (State::WaitingForToken, Some(tokens)) => {
+                if let Ok(mut tokens) = tokens.try_borrow_mut() {
+                    tokens.release(self.id);
+                }
             }
+            (State::AwaitingBody(..), _) => self.release_watch(),
+            _ => {}
         }
     }
 }
@@ -289,32 +349,46 @@ impl HttpContext for Request {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        match self.state {
-            State::AwaitingBody(..) => {}
+        match &mut self.state {
+            State::AwaitingBody(..) => {
+                // A body reached a held request: the flag it needs is set.
+                if let Ok(mut watch) = self.shared.body_watch.try_borrow_mut() {
+                    watch.body_arrived();
+                }
+                let outcome = self.on_body(body_size, end_of_stream);
+                self.conclude(outcome)
+            }
             State::WaitingForToken => {
                 // Held on its headers, the body keeps arriving: keep it until
                 // the root has resumed (or answered) the request.
                 let waiting = self
+                    .shared
                     .tokens
                     .as_ref()
                     .is_some_and(|t| t.try_borrow().map_or(true, |t| t.is_waiting(self.id)));
                 if waiting {
                     return Action::Pause;
                 }
-                self.state = State::Forwarded;
-                return Action::Continue;
+                self.state = State::Forwarded(None);
+                Action::Continue
             }
-            _ => return Action::Continue,
-        }
-        if let Ok(config) = self.config() {
-            if let Err(error) = gateway::check_body_size(&config, body_size) {
-                return self.reject(&error);
+            State::Forwarded(Some(streamed)) => {
+                // A body forwarded unread is held to the limit all the same;
+                // over it, the upstream request is reset, never completed.
+                *streamed = streamed.saturating_add(body_size);
+                let received = *streamed;
+                let over = self
+                    .shared
+                    .config
+                    .as_ref()
+                    .and_then(|config| gateway::check_body_size(config, received).err());
+                match over {
+                    Some(error) => self.reject(&error),
+                    None => Action::Continue,
+                }
             }
+            _ => Action::Continue,
         }
-        if !end_of_stream {
-            return Action::Pause; // buffer until the whole body is in
-        }
-        self.finish_body(body_size)
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
@@ -323,75 +397,74 @@ impl HttpContext for Request {
         }
         // Trailers end the body too; the buffer holds all of it.
         let size = abi::buffer_len(Buffer::RequestBody).unwrap_or(0);
-        self.finish_body(size)
+        let outcome = self.on_body(size, true);
+        self.conclude(outcome)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if self.translation.is_none() || end_of_stream {
             return Action::Continue;
         }
-        let status = abi::get_header(HeaderMap::Response, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
+        let Ok(encoded) = abi::get_headers(HeaderMap::Response) else {
+            return Action::Continue;
+        };
+        let Some(response_headers) = headers::decode(&encoded) else {
+            return Action::Continue;
+        };
+        let status = headers::first(&response_headers, ":status")
+            .and_then(|s| std::str::from_utf8(s).ok()?.parse::<u16>().ok())
             .unwrap_or(0);
-        if !upstream_errors::may_translate(status) {
+        let json = headers::first(&response_headers, "content-type")
+            .is_some_and(|t| t.starts_with(b"application/json"));
+        if !upstream_errors::may_translate(status) || !json {
             return Action::Continue;
         }
-        let json = abi::get_header(HeaderMap::Response, "content-type")
-            .ok()
-            .flatten()
-            .is_some_and(|t| t.starts_with(b"application/json"));
-        if json {
-            // The body may change length: let Envoy frame it.
-            let _ = abi::remove_header(HeaderMap::Response, "content-length");
-            self.state = State::ReadingError(status);
-        }
-        Action::Continue
+        // Hold the headers with the body: whether they change (length,
+        // encoding) is known once the body has been read.
+        self.held_error = Some(HeldError {
+            status,
+            encoding: Encoding::of(headers::first(&response_headers, "content-encoding")),
+        });
+        Action::Pause
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let State::ReadingError(status) = self.state else {
+        let Some(held) = &self.held_error else {
             return Action::Continue;
         };
-        if !end_of_stream {
-            return if body_size > MAX_TRANSLATED_ERROR_BYTES {
-                self.state = State::Forwarded; // too big to be an error envelope
-                Action::Continue
-            } else {
-                Action::Pause
-            };
+        if body_size > MAX_TRANSLATED_ERROR_BYTES {
+            self.held_error = None; // too big to be an error envelope
+            return Action::Continue;
         }
-        self.state = State::Forwarded;
+        if !end_of_stream {
+            return Action::Pause;
+        }
         let (Some(translation), Ok(body)) = (
             &self.translation,
             abi::get_buffer(Buffer::ResponseBody, 0, body_size),
         ) else {
+            self.held_error = None;
             return Action::Continue;
         };
-        if let Some((replacement, note)) =
-            upstream_errors::translate(status, &body, &translation.alias, &translation.upstream)
-        {
+        if let Some((replacement, note)) = upstream_errors::translate(
+            held.status,
+            &body,
+            &held.encoding,
+            &translation.alias,
+            &translation.upstream,
+        ) {
             log::warn(format_args!("request {}: {note}", self.id));
-            if abi::set_buffer(Buffer::ResponseBody, 0, body_size, &replacement).is_err() {
+            let rewritten = abi::remove_header(HeaderMap::Response, "content-length")
+                .and_then(|()| abi::remove_header(HeaderMap::Response, "content-encoding"))
+                .and_then(|()| abi::set_buffer(Buffer::ResponseBody, 0, body_size, &replacement));
+            if rewritten.is_err() {
                 log::error(format_args!(
                     "request {}: could not rewrite an upstream error",
                     self.id
                 ));
             }
         }
+        self.held_error = None;
         Action::Continue
-    }
-}
-
-impl Request {
-    fn finish_body(&mut self, body_size: usize) -> Action {
-        let State::AwaitingBody(pending, encoded_headers) =
-            std::mem::replace(&mut self.state, State::Forwarded)
-        else {
-            return Action::Continue;
-        };
-        let outcome = self.on_complete_body(pending, &encoded_headers, body_size);
-        self.conclude(outcome)
     }
 }

@@ -1,6 +1,7 @@
 //! The root context: loads and validates the configuration, hands each
-//! request context a shared reference to it, and (when an upstream uses
-//! tokens) drives token fetches and the requests waiting for them.
+//! request context a shared reference to it, (when an upstream uses tokens)
+//! drives token fetches and the requests waiting for them, and answers
+//! requests whose body Envoy never delivers (see `body_watch`).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -9,26 +10,63 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 
 use super::abi::{self, Buffer, HeaderMap};
-use super::http::{apply_edits, send_error, Request};
+use super::http::{apply_edits, send_error, Request, Shared};
 use super::log;
 use super::tokens::{Settlement, Tokens};
+use crate::body_watch::BodyWatch;
 use crate::config::Config;
 use crate::errors::ApiError;
 use crate::token::MAX_TOKEN_RESPONSE_BYTES;
 
+/// The tick period while requests are held for a body not yet seen.
+pub const WATCH_TICK_MS: u32 = 500;
+
 pub struct Root {
     id: u32,
-    config: Option<Rc<Config>>,
-    tokens: Option<Rc<RefCell<Tokens>>>,
+    shared: Shared,
+    /// The missing-flag error has been logged (once per VM).
+    reported_missing_flag: bool,
 }
 
 impl Root {
     pub fn new(id: u32) -> Self {
         Root {
             id,
-            config: None,
-            tokens: None,
+            shared: Shared {
+                config: None,
+                tokens: None,
+                body_watch: Rc::new(RefCell::new(BodyWatch::default())),
+            },
+            reported_missing_flag: false,
         }
+    }
+
+    /// Answers the held requests whose body Envoy will not deliver.
+    fn answer_overdue(&mut self) {
+        let overdue = match self.shared.body_watch.try_borrow_mut() {
+            Ok(mut watch) => watch.overdue(abi::now_ms()),
+            Err(_) => return,
+        };
+        if overdue.is_empty() {
+            return;
+        }
+        if !self.reported_missing_flag {
+            self.reported_missing_flag = true;
+            log::error(format_args!(
+                "azure-openai-filter: Envoy does not deliver request bodies to the filter, so \
+                 every request whose model is in its body fails with 500: set \
+                 `allow_on_headers_stop_iteration: true` in the Wasm filter's config"
+            ));
+        }
+        for context_id in overdue {
+            if abi::set_effective_context(context_id).is_ok() {
+                log::debug(format_args!(
+                    "request {context_id}: answered 500 gateway_error (no body delivered)"
+                ));
+                send_error(&ApiError::body_never_delivered());
+            }
+        }
+        let _ = abi::set_effective_context(self.id);
     }
 
     /// Resumes or answers waiting requests. Runs with `Tokens` not
@@ -69,13 +107,27 @@ impl Root {
     }
 
     /// Sets the tick period every time: a request that starts waiting
-    /// shortens it to be served at once, and this puts it back.
+    /// shortens it to be served at once, and this puts it back (or stops
+    /// the tick when nothing needs it).
     fn schedule_tick(&self) {
-        if let Some(tokens) = &self.tokens {
-            if let Ok(tokens) = tokens.try_borrow() {
-                let _ = abi::set_tick_period_ms(tokens.tick_period_ms());
-            }
-        }
+        let tokens = match &self.shared.tokens {
+            Some(tokens) => match tokens.try_borrow() {
+                Ok(tokens) => Some(tokens.tick_period_ms()),
+                Err(_) => return,
+            },
+            None => None,
+        };
+        let watching = self
+            .shared
+            .body_watch
+            .try_borrow()
+            .map_or(true, |watch| watch.is_watching())
+            .then_some(WATCH_TICK_MS);
+        let period = match (tokens, watching) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(0),
+        };
+        let _ = abi::set_tick_period_ms(period);
     }
 }
 
@@ -87,7 +139,7 @@ impl Context for Root {
         body_size: usize,
         _: usize,
     ) {
-        let Some(tokens) = self.tokens.clone() else {
+        let Some(tokens) = self.shared.tokens.clone() else {
             return;
         };
         // No headers: the endpoint closed the connection mid-response.
@@ -154,21 +206,23 @@ impl RootContext for Root {
             config.callers.len(),
             config.credentials.len()
         ));
-        self.tokens = None;
+        self.shared.tokens = None;
         if !config.credentials.is_empty() {
             let seed = abi::now_ms() ^ (u64::from(self.id) << 32);
             let tokens = Tokens::new(config.clone(), seed);
             tokens.create_shared_entries();
-            self.tokens = Some(Rc::new(RefCell::new(tokens)));
+            self.shared.tokens = Some(Rc::new(RefCell::new(tokens)));
             // The first tick fetches tokens before traffic needs them.
             self.schedule_tick();
         }
-        self.config = Some(config);
+        self.shared.config = Some(config);
         true
     }
 
     fn on_tick(&mut self) {
-        let Some(tokens) = self.tokens.clone() else {
+        self.answer_overdue();
+        let Some(tokens) = self.shared.tokens.clone() else {
+            self.schedule_tick();
             return;
         };
         let Ok(mut borrowed) = tokens.try_borrow_mut() else {
@@ -180,11 +234,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request::new(
-            context_id,
-            self.config.clone(),
-            self.tokens.clone(),
-        )))
+        Some(Box::new(Request::new(context_id, self.shared.clone())))
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -114,10 +114,18 @@ def test_deployment_name_is_not_an_alias(gateway):
     (b'"gpt-4o"', "invalid_json"),
     (b'{"messages": []}', "missing_required_parameter"),
     (b'{"model": 4}', "invalid_type"),
-    (b'{"model": null}', "invalid_type"),
+    (b'{"model": null}', "missing_required_parameter"),
     (b'{"model": ["gpt-4o"]}', "invalid_type"),
     (b'{"model": "gpt-4o", "model": "gpt-4o-mini"}', "invalid_json"),
     (b'{"model": "gpt-4o", "mod\\u0065l": "gpt-4o-mini"}', "invalid_json"),
+    # Go's encoding/json would read these as the model (case-insensitive keys).
+    (b'{"Model": "gpt-4o"}', "invalid_json"),
+    (b'{"model": "gpt-4o", "MODEL": "gpt-4o-mini"}', "invalid_json"),
+    (b'{"model": "gpt-4o", "\\u004dodel": "gpt-4o-mini"}', "invalid_json"),
+    # JSON is UTF-8: a lenient reader may take what a strict one refuses.
+    (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+     "invalid_json"),
+    (b'{"model": "gpt-4o", "user": "\xed\xa0\x80"}', "invalid_json"),
 ])
 def test_bad_bodies_are_400(gateway, body, code):
     error = assert_openai_error(send(gateway, body=body), 400, code)
