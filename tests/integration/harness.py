@@ -21,7 +21,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
-WASM = ROOT / "target" / "azure_openai_filter.wasm"
+# Another build can be tested (or benchmarked) by pointing this at it.
+WASM = Path(os.environ.get("AZURE_OPENAI_FILTER_WASM", ROOT / "target" / "azure_openai_filter.wasm"))
 ENVOY = Path(sys.prefix) / "bin" / "envoy"
 
 
