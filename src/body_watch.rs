@@ -65,6 +65,7 @@ impl BodyWatch {
         overdue
     }
 
+    #[cfg(test)]
     pub fn confirmed(&self) -> bool {
         self.confirmed
     }

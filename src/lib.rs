@@ -2,21 +2,29 @@
 //! Azure OpenAI gateway.
 //!
 //! The decisions live in plain modules with no proxy-wasm import, tested on
-//! the native target. `host` (built only for wasm32) is the thin layer that
-//! reads from Envoy, asks those modules, and applies the answer.
+//! the native target. `host` (built only for wasm32) reads from Envoy, asks
+//! those modules, and applies the answer; it also still holds the token
+//! coordinator's shared-data lease and callouts.
+//!
+//! Only the configuration is public (the command-line tool reads it with
+//! the very code the filter uses); everything else is crate-private, so the
+//! compiler reports what nothing uses. It does so for the wasm32 build,
+//! where the host layer uses the logic; a plain native build has no host
+//! layer, so there everything but the configuration would look unused.
+#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code, unused_imports))]
 
-pub mod auth;
-pub mod body;
-pub mod body_watch;
+mod auth;
+mod body;
+mod body_watch;
 pub mod config;
-pub mod errors;
-pub mod gateway;
-pub mod headers;
-pub mod json;
-pub mod routes;
-pub mod secret;
-pub mod token;
-pub mod upstream_errors;
+mod errors;
+mod gateway;
+mod headers;
+mod json;
+mod routes;
+mod secret;
+mod token;
+mod upstream_errors;
 
 #[cfg(target_arch = "wasm32")]
 mod host;

@@ -31,6 +31,7 @@ pub struct ModelField<'a> {
 
 /// Validates `body` as a JSON object and returns its single top-level
 /// string `model`; a missing or null `model` is an error.
+#[cfg(test)]
 pub fn find_model(body: &[u8]) -> Result<ModelField<'_>, ApiError> {
     match model_field(body)? {
         Some(field) if field.value.is_some() => Ok(field),

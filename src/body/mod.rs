@@ -5,8 +5,12 @@
 mod json;
 mod multipart;
 
-pub use json::{find_model, json_model_edit, model_field, ModelField};
-pub use multipart::{boundary, find_field, multipart_model_edit, FormField, FormScanner};
+#[cfg(test)]
+pub use json::find_model;
+pub use json::{json_model_edit, model_field};
+#[cfg(test)]
+pub use multipart::find_field;
+pub use multipart::{boundary, multipart_model_edit, FormScanner};
 
 use crate::errors::ApiError;
 
@@ -14,9 +18,6 @@ use crate::errors::ApiError;
 /// tests.
 pub trait BodySource {
     fn len(&self) -> usize;
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
     /// Up to `len` bytes from `start` (fewer at the end of the body).
     fn read(&mut self, start: usize, len: usize) -> Result<Vec<u8>, ApiError>;
 }

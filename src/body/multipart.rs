@@ -215,6 +215,7 @@ impl FormScanner {
         self.model.as_ref()
     }
 
+    #[cfg(test)]
     pub fn into_field(self) -> Option<FormField> {
         self.model
     }
@@ -573,6 +574,7 @@ impl Window {
 }
 
 /// Finds the form's `model` field in a whole body; None if it has none.
+#[cfg(test)]
 pub fn find_field(
     body: &mut dyn BodySource,
     boundary: &[u8],

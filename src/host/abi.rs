@@ -1,6 +1,20 @@
 //! The few proxy-wasm host calls made on the request path, bound directly so
 //! that every host status comes back as a value. (The SDK's wrappers panic on
 //! a status they do not expect, and a panic kills the worker's VM.)
+//!
+//! Two things here still lean on the pinned SDK (proxy-wasm 0.2.5):
+//! - Buffers the host returns were allocated in this module's memory through
+//!   `proxy_on_memory_allocate`, which the SDK exports: it hands out a boxed
+//!   slice of exactly the requested size (capacity == length, alignment 1)
+//!   from the global allocator. `take_host_buffer` rebuilds that allocation
+//!   as a `Vec` to own and free it; this is sound only while the allocator
+//!   works that way, so check it when the SDK is upgraded.
+//! - HTTP callouts are not bound here: they go through the SDK's
+//!   `dispatch_http_call`, because the SDK must register each callout's token
+//!   to route `proxy_on_http_call_response` back to the context that made it
+//!   (its dispatcher panics on a token it does not know). That wrapper
+//!   panics only on a status Envoy's `httpCall` never returns (it answers
+//!   Ok, BadArgument or InternalFailure).
 
 use std::ptr::{null, null_mut};
 

@@ -7,6 +7,6 @@ mod response;
 mod state;
 mod waiters;
 
-pub use response::{parse_token_response, Token, MAX_TOKEN_RESPONSE_BYTES};
-pub use state::{backoff_ms, TokenState, Wait};
+pub use response::{parse_token_response, MAX_TOKEN_RESPONSE_BYTES};
+pub use state::{TokenState, Wait};
 pub use waiters::{Settled, Waiter, Waiters};

@@ -59,6 +59,7 @@ impl<E> Waiters<E> {
         self.waiting.iter().any(|w| w.context_id == context_id)
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.waiting.len()
     }
