@@ -174,61 +174,96 @@ fn validate(raw: RawConfig, env: Env) -> Result<Config, ConfigError> {
         Some(name) => check_cluster_header(name)?,
         None => DEFAULT_CLUSTER_HEADER.to_string(),
     };
-    let max_request_body_bytes = match raw.max_request_body_bytes {
-        None => DEFAULT_MAX_REQUEST_BODY_BYTES,
-        Some(0) => return Err(error("max_request_body_bytes", "must be greater than 0")),
-        Some(n) if n > MAX_REQUEST_BODY_BYTES_CEILING => {
-            return Err(error(
-                "max_request_body_bytes",
-                format!("{n} is above the ceiling of {MAX_REQUEST_BODY_BYTES_CEILING} bytes"),
-            ))
-        }
-        Some(n) => usize::try_from(n).map_err(|_| error("max_request_body_bytes", "too large"))?,
-    };
-
-    if raw.upstreams.is_empty() {
-        return Err(error("upstreams", "must name at least one upstream"));
-    }
-    let mut upstreams = Vec::with_capacity(raw.upstreams.len());
-    let mut credentials = Vec::new();
-    for (name, upstream) in raw.upstreams {
-        upstreams.push(upstream::validate(
-            name,
-            upstream,
-            &default_api_version,
-            env,
-            &mut credentials,
-        )?);
-    }
+    let max_request_body_bytes = check_max_body(raw.max_request_body_bytes)?;
+    let (upstreams, credentials) = validate_upstreams(raw.upstreams, &default_api_version, env)?;
     let responses_upstream = match raw.responses_upstream {
         Some(name) => Some(upstream_index(&upstreams, "responses_upstream", &name)?),
         // With one upstream there is no doubt where responses live.
         None => (upstreams.len() == 1).then_some(0),
     };
+    let (models, model_index) = validate_models(raw.models, &upstreams)?;
+    let callers = validate_callers(raw.callers, &model_index)?;
+    Ok(Config {
+        cluster_header,
+        max_request_body_bytes,
+        upstreams,
+        models,
+        callers,
+        credentials,
+        responses_upstream,
+        model_index,
+    })
+}
 
-    if raw.models.is_empty() {
+fn check_max_body(raw: Option<u64>) -> Result<usize, ConfigError> {
+    match raw {
+        None => Ok(DEFAULT_MAX_REQUEST_BODY_BYTES),
+        Some(0) => Err(error("max_request_body_bytes", "must be greater than 0")),
+        Some(n) if n > MAX_REQUEST_BODY_BYTES_CEILING => Err(error(
+            "max_request_body_bytes",
+            format!("{n} is above the ceiling of {MAX_REQUEST_BODY_BYTES_CEILING} bytes"),
+        )),
+        Some(n) => usize::try_from(n).map_err(|_| error("max_request_body_bytes", "too large")),
+    }
+}
+
+/// The upstreams, and the token credentials they share.
+fn validate_upstreams(
+    raw: Vec<(String, raw::RawUpstream)>,
+    default_api_version: &str,
+    env: Env,
+) -> Result<(Vec<Upstream>, Vec<Credential>), ConfigError> {
+    if raw.is_empty() {
+        return Err(error("upstreams", "must name at least one upstream"));
+    }
+    let mut upstreams = Vec::with_capacity(raw.len());
+    let mut credentials = Vec::new();
+    for (name, upstream) in raw {
+        upstreams.push(upstream::validate(
+            name,
+            upstream,
+            default_api_version,
+            env,
+            &mut credentials,
+        )?);
+    }
+    Ok((upstreams, credentials))
+}
+
+/// The models, and the index from alias to model.
+fn validate_models(
+    raw: Vec<(String, RawModel)>,
+    upstreams: &[Upstream],
+) -> Result<(Vec<Model>, BTreeMap<String, usize>), ConfigError> {
+    if raw.is_empty() {
         return Err(error(
             "models",
             "must map at least one model alias to a deployment",
         ));
     }
-    let mut models = Vec::with_capacity(raw.models.len());
+    let mut models = Vec::with_capacity(raw.len());
     let mut model_index = BTreeMap::new();
-    for (alias, model) in raw.models {
-        let model = validate_model(alias, model, &upstreams)?;
+    for (alias, model) in raw {
+        let model = validate_model(alias, model, upstreams)?;
         model_index.insert(model.alias.clone(), models.len());
         models.push(model);
     }
+    Ok((models, model_index))
+}
 
-    if raw.callers.is_empty() {
+fn validate_callers(
+    raw: Vec<RawCaller>,
+    model_index: &BTreeMap<String, usize>,
+) -> Result<Vec<Caller>, ConfigError> {
+    if raw.is_empty() {
         return Err(error(
             "callers",
             "must list at least one caller; without callers every request is refused",
         ));
     }
-    let mut callers: Vec<Caller> = Vec::with_capacity(raw.callers.len());
-    for (i, caller) in raw.callers.into_iter().enumerate() {
-        let caller = validate_caller(i, caller, &model_index)?;
+    let mut callers: Vec<Caller> = Vec::with_capacity(raw.len());
+    for (i, caller) in raw.into_iter().enumerate() {
+        let caller = validate_caller(i, caller, model_index)?;
         if let Some((j, other)) = callers
             .iter()
             .enumerate()
@@ -254,17 +289,7 @@ fn validate(raw: RawConfig, env: Env) -> Result<Config, ConfigError> {
         }
         callers.push(caller);
     }
-
-    Ok(Config {
-        cluster_header,
-        max_request_body_bytes,
-        upstreams,
-        models,
-        callers,
-        credentials,
-        responses_upstream,
-        model_index,
-    })
+    Ok(callers)
 }
 
 fn upstream_index(upstreams: &[Upstream], path: &str, name: &str) -> Result<usize, ConfigError> {

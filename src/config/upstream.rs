@@ -130,55 +130,90 @@ pub(super) fn validate(
     };
     let cluster = check_cluster(&format!("{path}.cluster"), raw.cluster.clone())?;
     let (endpoint, flavor) = if openai {
-        for (field, set) in [
-            ("api", raw.api.is_some()),
-            ("api_version", raw.api_version.is_some()),
-            ("api_versions", !raw.api_versions.is_empty()),
-        ] {
-            if set {
+        openai_flavor(&path, &raw)?
+    } else {
+        azure_flavor(&path, &raw, default_api_version)?
+    };
+    let auth = validate_auth(&path, &name, raw.auth, openai, env, credentials)?;
+    Ok(Upstream {
+        name,
+        authority: endpoint.authority(),
+        endpoint,
+        cluster,
+        flavor,
+        auth,
+    })
+}
+
+/// An OpenAI-compatible server: a base URL, and no api-version.
+fn openai_flavor(path: &str, raw: &RawUpstream) -> Result<(Endpoint, Flavor), ConfigError> {
+    for (field, set) in [
+        ("api", raw.api.is_some()),
+        ("api_version", raw.api_version.is_some()),
+        ("api_versions", !raw.api_versions.is_empty()),
+    ] {
+        if set {
+            return Err(error(
+                format!("{path}.{field}"),
+                "applies to Azure upstreams only; an `openai` upstream takes no api-version",
+            ));
+        }
+    }
+    let (endpoint, base_path) =
+        parse_base_url(&raw.endpoint).map_err(|m| error(format!("{path}.endpoint"), m))?;
+    Ok((endpoint, Flavor::OpenAi { base_path }))
+}
+
+/// An Azure resource: its origin, and the deployments API or the v1 API.
+fn azure_flavor(
+    path: &str,
+    raw: &RawUpstream,
+    default_api_version: &str,
+) -> Result<(Endpoint, Flavor), ConfigError> {
+    let endpoint =
+        parse_endpoint(&raw.endpoint).map_err(|m| error(format!("{path}.endpoint"), m))?;
+    let flavor = match raw.api.as_deref() {
+        None | Some("deployments") => deployments_flavor(path, raw, default_api_version)?,
+        Some("v1") => {
+            if !raw.api_versions.is_empty() {
                 return Err(error(
-                    format!("{path}.{field}"),
-                    "applies to Azure upstreams only; an `openai` upstream takes no api-version",
+                    format!("{path}.api_versions"),
+                    "the v1 API takes no dated api-version",
                 ));
             }
-        }
-        let (endpoint, base_path) =
-            parse_base_url(&raw.endpoint).map_err(|m| error(format!("{path}.endpoint"), m))?;
-        (endpoint, Flavor::OpenAi { base_path })
-    } else {
-        let endpoint =
-            parse_endpoint(&raw.endpoint).map_err(|m| error(format!("{path}.endpoint"), m))?;
-        let flavor = match raw.api.as_deref() {
-            None | Some("deployments") => deployments_flavor(&path, &raw, default_api_version)?,
-            Some("v1") => {
-                if !raw.api_versions.is_empty() {
+            let preview = match raw.api_version.as_deref() {
+                None => false,
+                Some("preview") => true,
+                Some(other) => {
                     return Err(error(
-                        format!("{path}.api_versions"),
-                        "the v1 API takes no dated api-version",
-                    ));
+                        format!("{path}.api_version"),
+                        format!("the v1 API takes no dated api-version: omit it, or use \"preview\" (not `{other}`)"),
+                    ))
                 }
-                let preview = match raw.api_version.as_deref() {
-                    None => false,
-                    Some("preview") => true,
-                    Some(other) => {
-                        return Err(error(
-                            format!("{path}.api_version"),
-                            format!("the v1 API takes no dated api-version: omit it, or use \"preview\" (not `{other}`)"),
-                        ))
-                    }
-                };
-                Flavor::AzureV1 { preview }
-            }
-            Some(other) => {
-                return Err(error(
-                    format!("{path}.api"),
-                    format!("unknown API `{other}`; expected `deployments` (the default) or `v1`"),
-                ))
-            }
-        };
-        (endpoint, flavor)
+            };
+            Flavor::AzureV1 { preview }
+        }
+        Some(other) => {
+            return Err(error(
+                format!("{path}.api"),
+                format!("unknown API `{other}`; expected `deployments` (the default) or `v1`"),
+            ))
+        }
     };
-    let auth = match raw.auth {
+    Ok((endpoint, flavor))
+}
+
+/// How the filter authenticates to the upstream; token credentials are
+/// shared by upstreams with the same identity.
+fn validate_auth(
+    path: &str,
+    name: &str,
+    raw: RawAuth,
+    openai: bool,
+    env: Env,
+    credentials: &mut Vec<Credential>,
+) -> Result<UpstreamAuth, ConfigError> {
+    Ok(match raw {
         RawAuth::ApiKey(_) if openai => return Err(error(
             format!("{path}.auth.api_key"),
             "an `openai` upstream takes `bearer` (sent as Authorization: Bearer), not `api_key`",
@@ -193,21 +228,13 @@ pub(super) fn validate(
         }
         RawAuth::Entra(entra) => {
             let credential = credential::entra(&format!("{path}.auth.entra"), entra, env)?;
-            UpstreamAuth::Token(share(credentials, credential, &name))
+            UpstreamAuth::Token(share(credentials, credential, name))
         }
         RawAuth::ManagedIdentity(identity) => {
             let credential =
                 credential::managed_identity(&format!("{path}.auth.managed_identity"), identity)?;
-            UpstreamAuth::Token(share(credentials, credential, &name))
+            UpstreamAuth::Token(share(credentials, credential, name))
         }
-    };
-    Ok(Upstream {
-        name,
-        authority: endpoint.authority(),
-        endpoint,
-        cluster,
-        flavor,
-        auth,
     })
 }
 
