@@ -16,7 +16,7 @@
 //!   panics only on a status Envoy's `httpCall` never returns (it answers
 //!   Ok, BadArgument or InternalFailure).
 
-use std::ptr::{null, null_mut};
+use std::ptr::null_mut;
 
 use crate::headers::{self, Header};
 
@@ -264,14 +264,20 @@ pub fn set_buffer(buffer: Buffer, start: usize, size: usize, data: &[u8]) -> Res
 }
 
 /// Answers the request from the filter; nothing goes upstream.
+///
+/// Every reply carries the response code details `azure_openai_filter`
+/// (`%RESPONSE_CODE_DETAILS%`, CEL `response.code_details`): the shipped
+/// `local_reply_config` rewrites Envoy's own replies into OpenAI error JSON
+/// and leaves replies with these details byte for byte alone.
 pub fn send_local_response(status: u16, headers: &[Header<'_>], body: &[u8]) -> Result<(), Status> {
+    const DETAILS: &[u8] = b"azure_openai_filter";
     let headers = headers::encode(headers);
     // SAFETY: every pointer/length pair describes a live slice.
     check(unsafe {
         proxy_send_local_response(
             u32::from(status),
-            null(),
-            0,
+            DETAILS.as_ptr(),
+            DETAILS.len(),
             body.as_ptr(),
             body.len(),
             headers.as_ptr(),

@@ -217,6 +217,78 @@ def wasm_filter(filter_config, env_keys=(), env_values=None, config_text=None):
     }
 
 
+# Response code details the filter gives every reply it makes itself
+# (src/host/abi.rs): local_reply_config leaves replies with them alone.
+FILTER_REPLY_DETAILS = "azure_openai_filter"
+
+# Envoy's own replies, as OpenAI errors: (CEL condition, type, code, message),
+# first match wins. The same list is in every envoy/*.yaml.
+ENVOY_REPLIES = [
+    ("response.code == 431", "invalid_request_error", "request_headers_too_large",
+     "The request headers are larger than this gateway accepts. Send fewer or smaller headers."),
+    ("response.code == 426", "invalid_request_error", "upgrade_required",
+     "This gateway does not accept HTTP/1.0. Use HTTP/1.1 or HTTP/2."),
+    ("response.code == 413", "invalid_request_error", "request_too_large",
+     "The request body is larger than the gateway's Envoy buffer limit "
+     "(per_connection_buffer_limit_bytes, or the HTTP/2 stream window). Send a smaller body."),
+    ("response.code == 408", "invalid_request_error", "request_timeout",
+     "The request timed out at the gateway (%RESPONSE_CODE_DETAILS%): nothing moved on it for "
+     "longer than Envoy allows. Send the whole request promptly and retry."),
+    ("response.code_details == 'route_not_found'", "invalid_request_error", "route_not_found",
+     "No Envoy route matches this request: the gateway's route configuration does not cover it."),
+    ("response.code_details == 'path_normalization_failed'", "invalid_request_error",
+     "invalid_path",
+     "The request path is not valid: it has a #fragment or cannot be normalized. "
+     "Send the path without a fragment."),
+    ("response.code == 400", "invalid_request_error", "malformed_request",
+     "The request is not valid HTTP (%RESPONSE_CODE_DETAILS%): check the request line, the "
+     "framing, and that header names and values hold no NUL, control or other invalid bytes."),
+    ("response.code_details == 'http1.invalid_transfer_encoding'", "server_error",
+     "unsupported_transfer_encoding",
+     "The request's transfer-encoding is not supported. Send the body with content-length "
+     "or transfer-encoding: chunked."),
+    ("response.code_details == 'cluster_not_found'", "server_error", "cluster_not_found",
+     "The gateway sends this request to the Envoy cluster `%REQ({cluster_header}):100%`, "
+     "which this Envoy does not have. Add the cluster to Envoy, or fix the upstream's "
+     "`cluster` in the filter configuration."),
+    ("response.code_details == 'no_healthy_upstream'", "server_error", "no_healthy_upstream",
+     "The upstream has no healthy endpoint in Envoy right now. Retry later."),
+    ("response.code_details.startsWith('upstream_reset_before_response_started')",
+     "server_error", "upstream_unavailable",
+     "The gateway could not get a response from the upstream (%RESPONSE_CODE_DETAILS%). "
+     "Retry later."),
+    ("response.code == 504", "server_error", "upstream_timeout",
+     "The upstream did not answer in time (%RESPONSE_CODE_DETAILS%). Retry later."),
+    ("response.code >= 500", "server_error", "gateway_error",
+     "The gateway could not complete the request (%RESPONSE_CODE_DETAILS%)."),
+    ("response.code >= 400", "invalid_request_error", "invalid_request",
+     "The gateway refused the request (%RESPONSE_CODE_DETAILS%)."),
+]
+
+
+def cel_filter(expression):
+    return {"extension_filter": {
+        "name": "envoy.access_loggers.extension_filters.cel",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3."
+                     "ExpressionFilter",
+            "expression": expression}}}
+
+
+def local_reply_config(cluster_header="x-azure-openai-cluster"):
+    """HCM local_reply_config: Envoy's own replies become OpenAI error JSON;
+    the filter's replies (first mapper, no rewrite) pass byte for byte."""
+    mappers = [{"filter": cel_filter(f"response.code_details == '{FILTER_REPLY_DETAILS}'")}]
+    for condition, kind, code, message in ENVOY_REPLIES:
+        mappers.append({
+            "filter": cel_filter(condition),
+            "body_format_override": {"json_format": {"error": {
+                "message": message.replace("{cluster_header}", cluster_header),
+                "type": kind, "param": None, "code": code}}},
+        })
+    return {"mappers": mappers}
+
+
 def bootstrap(http_filters, clusters, buffer_limit=40_000_000,
               cluster_header="x-azure-openai-cluster"):
     return {
@@ -232,6 +304,12 @@ def bootstrap(http_filters, clusters, buffer_limit=40_000_000,
                                  "http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "gateway",
                         "codec_type": "AUTO",
+                        # Over HTTP/2 the stream window bounds what Envoy holds
+                        # for the filter (above max_request_body_bytes).
+                        "http2_protocol_options": {
+                            "initial_stream_window_size": 40_000_000,
+                            "initial_connection_window_size": 40_000_000},
+                        "local_reply_config": local_reply_config(cluster_header),
                         "route_config": {"name": "gateway", "virtual_hosts": [{
                             "name": "openai", "domains": ["*"],
                             "routes": [{"match": {"prefix": "/"}, "route": {
