@@ -26,12 +26,13 @@ All violations are collected and reported together at the end.
 import concurrent.futures
 import json
 import os
+import warnings
 from collections import Counter, defaultdict
 
 import httpx
 import pytest
 from differential_cases import all_cases
-from differential_parsers import JSON_READERS, MULTIPART_READERS
+from differential_parsers import JSON_READERS, MULTIPART_READERS, build_go, go_readings
 from harness import Envoy, RecordingUpstream, bootstrap, cluster, sha256_hex, wasm_filter
 
 CALLER_KEY = "sk-differential-caller-7f3a9c"
@@ -39,6 +40,9 @@ ADMIN_KEY = "sk-differential-admin-1b2e4d"
 DEPLOYMENT = "dep-allowed"
 CASE_HEADER = "x-differential-case"
 SEED = int(os.environ.get("DIFFERENTIAL_SEED", "20261201"))
+# A file to write every forwarded body to (JSON lines: family, kind, content
+# type and body as received upstream, latin-1), for trying other parsers.
+DUMP = os.environ.get("DIFFERENTIAL_DUMP")
 RESPONSES_VERSION = "2025-04-01-preview"
 AZURE_STYLE = "?api-version=2024-10-21"
 
@@ -159,15 +163,29 @@ def short(data, limit=260):
     return text if len(text) <= limit else text[:limit] + f"... ({len(data)} bytes)"
 
 
-def readings(case, received):
-    body = received.body
-    if case.kind == "json":
-        return {name: read(body) for name, read in JSON_READERS.items()}
-    content_type = (received.header("content-type") or "").encode("latin-1")
-    return {name: read(body, content_type) for name, read in MULTIPART_READERS.items()}
+def content_type_of(received):
+    return (received.header("content-type") or "").encode("latin-1")
 
 
-def test_no_parser_reads_another_model(targets, tmp_path_factory):
+def python_readings(kind, received):
+    if kind == "json":
+        return {name: read(received.body) for name, read in JSON_READERS.items()}
+    return {name: read(received.body, content_type_of(received))
+            for name, read in MULTIPART_READERS.items()}
+
+
+@pytest.fixture(scope="module")
+def go_parser(tmp_path_factory):
+    """Real Go (encoding/json, mime/multipart), when a Go toolchain is
+    installed (Debian: golang-go); None otherwise."""
+    exe = build_go(tmp_path_factory.mktemp("goparse"))
+    if exe is None:
+        warnings.warn("no `go` on PATH: real Go parsers not run (the encoding/json emulation is); "
+                      "apt-get install golang-go to add them")
+    return exe
+
+
+def test_no_parser_reads_another_model(targets, go_parser, tmp_path_factory):
     cases = all_cases(SEED, json_mutations=1000, multipart_mutations=1000)
     requests = requests_for(cases)
     envoys = {target: envoy for target, (_, envoy) in targets.items()}
@@ -182,62 +200,83 @@ def test_no_parser_reads_another_model(targets, tmp_path_factory):
 
     violations = []
     tally = defaultdict(Counter)  # family -> outcome counts
-    rejections = defaultdict(lambda: [0, 0])  # parser -> [bodies read, bodies it refused]
-    for request, (status, content_type, content) in zip(requests, answers):
+
+    def violation(request, reason, status, got=None, parsers=None, wrong=()):
         case = request["case"]
-        family = case.family
+        violations.append({
+            "family": case.family, "label": case.label, "request": request["id"],
+            "route": f"{request['style']} {request['target']} {request['path'].split('?')[0]}",
+            "reason": reason, "status": status, "content_type": case.content_type.decode("latin-1"),
+            "body": short(case.body),
+            "upstream_content_type": got.header("content-type") if got else None,
+            "upstream_body": short(got.body) if got else None,
+            "parsers": parsers or {}, "wrong": list(wrong),
+        })
+        tally[case.family]["violations"] += 1
+
+    # Pass 1: refused (and nothing upstream), or forwarded once, to the right place.
+    forwarded = []  # (request, Received)
+    for request, (status, content_type, content) in zip(requests, answers):
+        family = request["case"].family
         tally[family]["sent"] += 1
         arrived = received.pop(request["id"], [])
-
-        def violation(reason, parsers=None, upstream_body=None, upstream_type=None):
-            violations.append({
-                "family": family, "label": case.label, "request": request["id"],
-                "route": f"{request['style']} {request['target']} {request['path'].split('?')[0]}",
-                "reason": reason, "status": status, "content_type": case.content_type.decode("latin-1"),
-                "body": short(case.body),
-                "upstream_content_type": upstream_type,
-                "upstream_body": short(upstream_body) if upstream_body is not None else None,
-                "parsers": parsers or {},
-            })
-            tally[family]["violations"] += 1
-
         if 400 <= status < 500:
             tally[family]["refused"] += 1
             if arrived:
-                violation(f"refused with {status}, but {len(arrived)} request(s) reached an upstream")
+                violation(request, f"refused with {status}, but {len(arrived)} request(s) reached an "
+                          "upstream", status)
             elif not is_openai_error(content_type, content):
-                violation(f"refused with {status} but not in OpenAI error JSON: {short(content, 120)}")
-            continue
-        if status != 200:
-            violation(f"answered {status}: {short(content, 120)}")
-            continue
-        tally[family]["forwarded"] += 1
-        if len(arrived) != 1 or arrived[0][0] != request["target"]:
-            violation(f"forwarded, but upstreams received {[t for t, _ in arrived]}")
-            continue
-        got = arrived[0][1]
-        if got.path != request["upstream_path"]:
-            violation(f"forwarded to {got.path!r}, expected {request['upstream_path']!r}")
-        seen = readings(case, got)
+                violation(request, f"refused with {status} but not in OpenAI error JSON: "
+                          f"{short(content, 120)}", status)
+        elif status != 200:
+            violation(request, f"answered {status}: {short(content, 120)}", status)
+        elif len(arrived) != 1 or arrived[0][0] != request["target"]:
+            violation(request, f"forwarded, but upstreams received {[t for t, _ in arrived]}", status)
+        else:
+            tally[family]["forwarded"] += 1
+            got = arrived[0][1]
+            if got.path != request["upstream_path"]:
+                violation(request, f"forwarded to {got.path!r}, expected {request['upstream_path']!r}",
+                          status, got)
+            forwarded.append((request, got))
+    for stray in received:
+        violations.append({"family": "?", "reason": f"an upstream received unknown request {stray!r}"})
+
+    # Pass 2: every parser reads exactly what each upstream received.
+    if go_parser is not None:
+        go = go_readings(go_parser, [(r["case"].kind, content_type_of(got), got.body)
+                                     for r, got in forwarded])
+    else:
+        go = [{} for _ in forwarded]
+    rejections = defaultdict(lambda: [0, 0])  # parser -> [bodies read, bodies it refused]
+    dumped = []
+    for (request, got), go_reading in zip(forwarded, go):
+        case = request["case"]
+        seen = {**python_readings(case.kind, got), **go_reading}
         for name, reading in seen.items():
             rejections[name][0] += 1
             rejections[name][1] += bool(reading.rejected)
-        if family == "baseline":  # plain bodies: a parser that refuses them is miswired
-            wrong = {name: r for name, r in seen.items() if r.models != [DEPLOYMENT]}
+        if case.family == "baseline":  # plain bodies: a parser that refuses them is miswired
+            wrong = [name for name, r in seen.items() if r.models != [DEPLOYMENT]]
         else:
-            wrong = {name: r for name, r in seen.items() if not r.sees_only(DEPLOYMENT)}
+            wrong = [name for name, r in seen.items() if not r.sees_only(DEPLOYMENT)]
         shown = {name: r.show() for name, r in seen.items()}
         if wrong:
-            violation("parsers read another model: " + ", ".join(sorted(wrong)), shown, got.body,
-                      got.header("content-type"))
+            violation(request, "parsers read another model: " + ", ".join(sorted(wrong)), 200, got,
+                      shown, wrong)
         if case.kind == "json":
             try:
                 got.body.decode("utf-8")
             except UnicodeDecodeError as error:
-                violation(f"forwarded a JSON body that is not UTF-8 ({error.reason} at byte {error.start})",
-                          shown, got.body, got.header("content-type"))
-    for stray in received:
-        violations.append({"family": "?", "reason": f"an upstream received unknown request {stray!r}"})
+                violation(request, f"forwarded a JSON body that is not UTF-8 ({error.reason} at byte "
+                          f"{error.start})", 200, got, shown)
+        if DUMP:
+            dumped.append({"family": case.family, "label": case.label, "kind": case.kind,
+                           "content_type": got.header("content-type"),
+                           "body": got.body.decode("latin-1")})
+    if DUMP:
+        with open(DUMP, "w") as out:
+            out.writelines(json.dumps(d) + "\n" for d in dumped)
 
     if violations:
         report = tmp_path_factory.mktemp("differential") / "violations.json"
@@ -257,10 +296,9 @@ def summary(tally, violations, report, rejections, limit=14000):
              f"{'family':28} {'sent':>5} {'refused':>7} {'fwd':>5} {'bad':>5}  parsers that read another model"]
     for family in sorted(tally):
         t = tally[family]
-        who = Counter(name for v in by_family.get(family, []) for name in v.get("parsers", {})
-                      if name in v["reason"])
+        who = Counter(name for v in by_family.get(family, []) for name in v.get("wrong", ()))
         other = Counter(v["reason"].split(":")[0].split("(")[0].strip() for v in by_family.get(family, [])
-                        if not v["reason"].startswith("parsers read"))
+                        if not v.get("wrong"))
         text = ", ".join(f"{n} {c}" for n, c in who.most_common())
         text += "".join(f"; {r} {c}" for r, c in other.most_common())
         lines.append(f"{family:28} {t['sent']:5} {t['refused']:7} {t['forwarded']:5} "
@@ -282,7 +320,7 @@ def summary(tally, violations, report, rejections, limit=14000):
             if v.get("upstream_body"):
                 lines.append(f"    upstream got: {v['upstream_body']}")
             for name, reading in v.get("parsers", {}).items():
-                lines.append(f"      {name:17} {reading}")
+                lines.append(f"      {name:27} {reading}")
             if len(shown_labels) >= 3:
                 break
     text = "\n".join(lines)
