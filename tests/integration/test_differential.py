@@ -15,12 +15,14 @@ body's model). For every request either:
   anything for it (requests are matched by a header); or
 - it was forwarded, and every parser (differential_parsers.py: Python's json,
   orjson, jiter, an emulation of Go's case-insensitive encoding/json;
-  Starlette/python-multipart, python-multipart's FormParser, Werkzeug), given
-  exactly the body and content-type the upstream received, either rejects it
-  or sees exactly one model: `dep-allowed`. A forwarded JSON body must also be
-  UTF-8 (RFC 8259 section 8.1; Go and lenient decoders read anything else in
-  their own ways).
-All violations are collected and reported together at the end.
+  Starlette/python-multipart, python-multipart's FormParser, Werkzeug; and
+  real Go's encoding/json and mime/multipart when a Go toolchain is
+  installed), given exactly the body and content-type the upstream received,
+  either rejects it or sees exactly one model: `dep-allowed`. A forwarded JSON
+  body must also be UTF-8 (RFC 8259 section 8.1).
+All violations are collected and reported together at the end (with a JSON
+file of every one). DIFFERENTIAL_SEED=n draws other bodies;
+DIFFERENTIAL_DUMP=path writes every forwarded body, to try other parsers on.
 """
 
 import concurrent.futures
@@ -158,7 +160,7 @@ def is_openai_error(content_type, content):
             and set(body["error"]) == {"message", "type", "param", "code"})
 
 
-def short(data, limit=260):
+def short(data, limit=600):
     text = repr(data)
     return text if len(text) <= limit else text[:limit] + f"... ({len(data)} bytes)"
 
@@ -287,7 +289,7 @@ def test_no_parser_reads_another_model(targets, go_parser, tmp_path_factory):
         assert read and refused < read, (name, read, refused)
 
 
-def summary(tally, violations, report, rejections, limit=14000):
+def summary(tally, violations, report, rejections, limit=24000):
     by_family = defaultdict(list)
     for v in violations:
         by_family[v["family"]].append(v)
@@ -308,7 +310,7 @@ def summary(tally, violations, report, rejections, limit=14000):
     lines.append("")
     for family in sorted(by_family):
         found = by_family[family]
-        lines.append(f"== {family}: {len(found)} violation(s); examples:")
+        lines.append(f"== {family}: {len(found)} violation(s), for example:")
         shown_labels = set()
         for v in found:
             key = (v.get("label"), v["reason"])
@@ -316,12 +318,12 @@ def summary(tally, violations, report, rejections, limit=14000):
                 continue
             shown_labels.add(key)
             lines.append(f"  [{v.get('label', '')}] {v.get('route', '')}: {v['reason']}")
-            lines.append(f"    sent {v.get('content_type', '')}: {v.get('body', '')}")
+            lines.append(f"    sent {v.get('content_type', '')}: {v.get('body', '')[:600]}")
             if v.get("upstream_body"):
-                lines.append(f"    upstream got: {v['upstream_body']}")
+                lines.append(f"    upstream got: {v['upstream_body'][:120]}")
             for name, reading in v.get("parsers", {}).items():
                 lines.append(f"      {name:27} {reading}")
-            if len(shown_labels) >= 3:
+            if len(shown_labels) >= (1 if len(by_family) > 6 else 3):
                 break
     text = "\n".join(lines)
     return text if len(text) <= limit else text[:limit] + "\n... (cut; see the report file)"
