@@ -56,9 +56,23 @@ pub fn boundary(content_type: Option<&[u8]>) -> Result<Vec<u8>, ApiError> {
     };
     let (media_type, params) = parameters(content_type)
         .map_err(|why| ApiError::invalid_multipart(&format!("the content type {why}")))?;
-    if !media_type.eq_ignore_ascii_case("multipart/form-data") {
+    // In lower case, as every client sends it: Werkzeug reads no form
+    // under `MULTIPART/FORM-DATA`.
+    if media_type != "multipart/form-data" {
         return Err(ApiError::invalid_multipart(
-            "this endpoint expects a multipart/form-data body",
+            "this endpoint expects a multipart/form-data body (the media type in lower case)",
+        ));
+    }
+    // Starlette decodes field names in the declared charset (`m\0o\0d\0e\0l\0`
+    // is `model` in UTF-16): only UTF-8 reads the same everywhere.
+    let foreign_charset = params.iter().any(|(key, value)| {
+        key == "charset"
+            && !value.eq_ignore_ascii_case("utf-8")
+            && !value.eq_ignore_ascii_case("us-ascii")
+    });
+    if foreign_charset {
+        return Err(ApiError::invalid_multipart(
+            "the content type declares a charset other than UTF-8",
         ));
     }
     let value = params
@@ -84,10 +98,10 @@ pub fn boundary(content_type: Option<&[u8]>) -> Result<Vec<u8>, ApiError> {
 /// A header value's parameters, keys lower-cased.
 type Params = Vec<(String, String)>;
 
-/// A header value `type *( OWS ";" OWS key OWS "=" OWS value )` read
-/// strictly: the type is returned as is, keys lower-cased. Refused: a
-/// repeated key, an extended `key*` parameter, a backslash, a control or
-/// non-ASCII byte outside a quoted string, an empty parameter.
+/// A header value `type *( OWS ";" OWS key "=" value )` read strictly: the
+/// type is returned as is, keys lower-cased. Refused: a repeated key, an
+/// extended `key*` parameter, a backslash, a control or non-ASCII byte
+/// outside a quoted string, an empty parameter, spaces around `=`.
 fn parameters(value: &[u8]) -> Result<(String, Params), &'static str> {
     let mut at = 0;
     let skip_ows = |at: &mut usize| {
@@ -129,12 +143,11 @@ fn parameters(value: &[u8]) -> Result<(String, Params), &'static str> {
         if key.contains('*') {
             return Err("has an extended (RFC 2231) parameter");
         }
-        skip_ows(&mut at);
+        // No space around `=`: Werkzeug then reads no parameter at all.
         if value.get(at) != Some(&b'=') {
-            return Err("has a parameter without a value");
+            return Err("has a parameter without a value, or spaces around `=`");
         }
         at += 1;
-        skip_ows(&mut at);
         let item = if value.get(at) == Some(&b'"') {
             let start = at + 1;
             let len = value
@@ -695,11 +708,11 @@ mod tests {
             b"abc"
         );
         assert_eq!(
-            boundary(Some(b"Multipart/Form-Data;boundary=\"a b:c\"")).unwrap(),
+            boundary(Some(b"multipart/form-data;boundary=\"a b:c\"")).unwrap(),
             b"a b:c"
         );
         assert_eq!(
-            boundary(Some(b"multipart/form-data; charset=x; Boundary=z")).unwrap(),
+            boundary(Some(b"multipart/form-data; charset=UTF-8; Boundary=z")).unwrap(),
             b"z"
         );
         let longest = format!("multipart/form-data; boundary={}", "b".repeat(70));
@@ -722,6 +735,10 @@ mod tests {
             b"multipart/form-data; boundary=a;",
             b"multipart/form-data; boundary=\"a;b\"",
             b"multipart/form-data boundary=a",
+            b"Multipart/Form-Data; boundary=a",
+            b"multipart/form-data; charset=utf-16le; boundary=a",
+            b"multipart/form-data; boundary =a",
+            b"multipart/form-data; boundary= a",
         ] {
             let error = boundary(Some(bad)).unwrap_err();
             assert_eq!(
@@ -768,7 +785,7 @@ mod tests {
     fn names_quoted_unquoted_and_field_lists() {
         let unquoted = raw_part("content-disposition: form-data; name=model", b"m1");
         assert_eq!(model(&body(&[unquoted])).unwrap().unwrap().value, "m1");
-        let spaced = raw_part("Content-Disposition:form-data ;name = \"model\" ", b"m2");
+        let spaced = raw_part("Content-Disposition:form-data ;name=\"model\" ", b"m2");
         assert_eq!(model(&body(&[spaced])).unwrap().unwrap().value, "m2");
         let lists = body(&[
             part("timestamp_granularities[]", None, b"word"),
@@ -814,6 +831,8 @@ mod tests {
             "Content-Disposition: form-data; name=\"model\"\x00",
             "Content-Disposition: form-data; name=\"model\"\nX-A: b",
             "Content-Disposition: form-data; name=model; x",
+            "Content-Disposition: form-data; name = \"model\"",
+            "Content-Disposition: form-data; name= \"model\"",
         ] {
             let bytes = body(&[raw_part(headers, b"dep-secret")]);
             refused(&bytes);
