@@ -16,8 +16,10 @@ echo "== release module"
 # runs the others.
 if ! command -v go >/dev/null && command -v apt-get >/dev/null; then
   echo "== installing golang-go (Debian) for the differential test" >&2
-  if [ "$(id -u)" = 0 ]; then apt-get install -y -q golang-go >&2 || true
-  else sudo -n apt-get install -y -q golang-go >&2 || true; fi
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  $sudo apt-get install -y -q golang-go >&2 \
+    || { $sudo apt-get update -q >&2 && $sudo apt-get install -y -q golang-go >&2; } \
+    || echo "could not install golang-go; the differential test runs without Go" >&2
 fi
 
 echo "== integration tests (real Envoy)"
