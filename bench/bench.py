@@ -111,7 +111,7 @@ def noop_config(upstream_port):
     return config
 
 
-def filter_config(upstream_port):
+def filter_config(upstream_port, wasm):
     config = {
         "upstreams": {"west": {"endpoint": f"https://{AZURE_HOST}", "cluster": "azure_west",
                                "auth": {"api_key": {"env": "BENCH_UPSTREAM_KEY"}}}},
@@ -120,8 +120,9 @@ def filter_config(upstream_port):
                      "models": ["gpt-4o"]} for i in range(9)]
                    + [{"name": "bench", "key_sha256": sha256_hex(CALLER_KEY), "models": ["gpt-4o"]}],
     }
-    return bootstrap([wasm_filter(config, env_values={"BENCH_UPSTREAM_KEY": UPSTREAM_KEY})],
-                     [cluster("azure_west", upstream_port)])
+    entry = wasm_filter(config, env_values={"BENCH_UPSTREAM_KEY": UPSTREAM_KEY})
+    entry["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(wasm)
+    return bootstrap([entry], [cluster("azure_west", upstream_port)])
 
 
 def start(config, cpus, concurrency):
@@ -184,8 +185,10 @@ def run_mode(mode, args):
     upstream = start(upstream_config(), settings["helpers"], 1)
     setups = {}
     try:
-        for name, make in (("bare", bare_config), ("noop-wasm", noop_config),
-                           ("filter", filter_config)):
+        makers = [("bare", bare_config), ("noop-wasm", noop_config)]
+        makers += [(name, lambda port, wasm=wasm: filter_config(port, wasm))
+                   for name, wasm in args.modules]
+        for name, make in makers:
             setups[name] = start(make(upstream.port), settings["under_test"], settings["workers"])
         for envoy in setups.values():
             check(envoy)
@@ -207,12 +210,13 @@ def run_mode(mode, args):
             "cpu_us_per_request": sum(r["cpu_us_per_request"] * r["requests"] for r in results)
             / sum(r["requests"] for r in results),
         }
+    bare = summary["bare"]
     return {
         "rounds": rounds,
         "summary": summary,
-        "throughput_ratio": summary["filter"]["rps"] / summary["bare"]["rps"],
-        "cpu_per_request_ratio": summary["filter"]["cpu_us_per_request"]
-        / summary["bare"]["cpu_us_per_request"],
+        "throughput_ratio": {name: summary[name]["rps"] / bare["rps"] for name in summary},
+        "cpu_per_request_ratio": {name: summary[name]["cpu_us_per_request"]
+                                  / bare["cpu_us_per_request"] for name in summary},
     }
 
 
@@ -224,28 +228,29 @@ def main():
     parser.add_argument("--modes", default="pinned,shared",
                         help="comma-separated: " + ", ".join(MODES))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    parser.add_argument("--module", action="append", default=[], metavar="NAME=PATH",
+                        help="a build of the filter to measure (repeat to compare builds in one "
+                             "run); default: filter=target/azure_openai_filter.wasm")
     args = parser.parse_args()
+    args.modules = [tuple(m.split("=", 1)) for m in args.module] or [
+        ("filter", str(ROOT / "target" / "azure_openai_filter.wasm"))]
 
     results = {mode: run_mode(mode, args) for mode in args.modes.split(",")}
-    wasm = ROOT / "target" / "azure_openai_filter.wasm"
-    report = {"modes": results, "module_bytes": wasm.stat().st_size, "settings": vars(args)}
+    report = {"modes": results, "settings": vars(args),
+              "module_bytes": {name: Path(wasm).stat().st_size for name, wasm in args.modules}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
 
     print()
-    print("| mode | set-up | requests/s (median) | Envoy CPU per request |")
-    print("|---|---|---|---|")
+    print("| mode | set-up | requests/s (median) | Envoy CPU per request | CPU/request vs bare |")
+    print("|---|---|---|---|---|")
     for mode, result in results.items():
-        for name in ("bare", "noop-wasm", "filter"):
-            s = result["summary"][name]
-            print(f"| {mode} | {name} | {s['rps']:.0f} | {s['cpu_us_per_request']:.1f} us |")
-    print()
-    for mode, result in results.items():
-        noop = result["summary"]["noop-wasm"]["rps"] / result["summary"]["bare"]["rps"]
-        print(f"{mode}: throughput ratio filter/bare {result['throughput_ratio']:.3f} "
-              f"(target >= 0.85), CPU per request ratio {result['cpu_per_request_ratio']:.3f}; "
-              f"no-op Wasm filter/bare {noop:.3f}")
-    print(f"module: {report['module_bytes']} bytes")
+        for name, s in result["summary"].items():
+            ratio = result["cpu_per_request_ratio"][name]
+            print(f"| {mode} | {name} | {s['rps']:.0f} | {s['cpu_us_per_request']:.1f} us | "
+                  f"x{ratio:.3f} |")
+    for name, size in report["module_bytes"].items():
+        print(f"module {name}: {size} bytes")
 
 
 if __name__ == "__main__":
