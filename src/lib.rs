@@ -2,9 +2,11 @@
 //! Azure OpenAI gateway.
 //!
 //! The decisions live in plain modules with no proxy-wasm import, tested on
-//! the native target. `host` (built only for wasm32) reads from Envoy, asks
-//! those modules, and applies the answer; it also still holds the token
-//! coordinator's shared-data lease and callouts.
+//! the native target: per request (`exchange`, `gateway`, `body`, ...), per
+//! VM (`worker`), and across VMs (`token`'s coordinator), reaching Envoy
+//! only through the traits of `host_api`. `host` (built only for wasm32)
+//! implements those traits with proxy-wasm calls and hands Envoy's
+//! callbacks to the logic.
 //!
 //! Only the configuration is public (the command-line tool reads it with
 //! the very code the filter uses); everything else is crate-private, so the
@@ -18,13 +20,17 @@ mod body;
 mod body_watch;
 pub mod config;
 mod errors;
+mod exchange;
 mod gateway;
 mod headers;
+mod host_api;
 mod json;
 mod routes;
 mod secret;
+mod stats;
 mod token;
 mod upstream_errors;
+mod worker;
 
 #[cfg(target_arch = "wasm32")]
 mod host;

@@ -1,11 +1,12 @@
-//! The proxy-wasm layer: reads from Envoy, asks the logic, applies the answer.
+//! The proxy-wasm layer: the seam's traits bound to proxy-wasm host calls,
+//! and the contexts Envoy calls, which hand each callback to the logic
+//! (`exchange`, `worker`) and apply its answer.
 
 mod abi;
+mod bindings;
 mod http;
 mod log;
-mod metrics;
 mod root;
-mod tokens;
 
 use proxy_wasm::traits::RootContext;
 

@@ -1,5 +1,5 @@
-//! Tokens on the host side: each credential's state lives in Envoy's shared
-//! data (one copy for every worker VM), fetches go out through the root
+//! The token coordinator: each credential's state lives in data shared by
+//! every worker VM (Envoy's shared data), fetches go out through the root
 //! context only, under a lease taken with compare-and-swap, so at most one
 //! token request per credential is in flight in the whole Envoy process.
 //!
@@ -14,16 +14,14 @@
 //! local copy, so a request with a token pays no host call for it.
 
 use std::rc::Rc;
-use std::time::Duration;
 
-use super::abi;
-use super::log;
-use super::metrics::{Metric, Metrics};
+use super::{parse_token_response, Settled, TokenState, Wait, Waiter, Waiters};
 use crate::config::Config;
 use crate::errors::ApiError;
 use crate::gateway::HeaderEdit;
+use crate::host_api::{log, Callout, CalloutError, CalloutResponse, Host, Level, Write};
 use crate::secret::Secret;
-use crate::token::{parse_token_response, Settled, TokenState, Wait, Waiter, Waiters};
+use crate::stats::{Metric, Metrics};
 
 pub const IDLE_TICK_MS: u32 = 250;
 pub const WAITING_TICK_MS: u32 = 20;
@@ -63,7 +61,7 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    pub fn new(config: Rc<Config>, seed: u64) -> Self {
+    pub fn new(config: Rc<Config>, seed: u64, host: &mut dyn Host) -> Self {
         let local = config
             .credentials
             .iter()
@@ -74,18 +72,18 @@ impl Tokens {
             local,
             waiters: Waiters::default(),
             in_flight: Vec::new(),
-            metrics: Metrics::define(),
+            metrics: Metrics::define(host),
             rng: seed | 1,
         }
     }
 
     /// Creates each credential's shared entry if no VM has yet, so leases
     /// are always taken by compare-and-swap on an existing entry.
-    pub fn create_shared_entries(&self) {
+    pub fn create_shared_entries(&self, host: &dyn Host) {
         for credential in &self.config.credentials {
-            if let Ok(None) = abi::get_shared_data(&credential.shared_key) {
+            if let Ok(None) = host.shared_get(&credential.shared_key) {
                 let empty = TokenState::default().encode();
-                let _ = abi::set_shared_data(&credential.shared_key, &empty, 0);
+                let _ = host.shared_set(&credential.shared_key, &empty, 0);
             }
         }
     }
@@ -99,7 +97,8 @@ impl Tokens {
     }
 
     /// For a request whose upstream uses `credential`.
-    pub fn lookup(&mut self, credential: usize, now: u64) -> Lookup {
+    pub fn lookup(&mut self, host: &mut dyn Host, credential: usize) -> Lookup {
+        let now = host.now_ms();
         let Some(max_wait) = self.config.credential(credential).map(|c| c.max_wait_ms) else {
             return Lookup::GiveUp(ApiError::internal("unknown credential"));
         };
@@ -107,7 +106,7 @@ impl Tokens {
             return Lookup::Ready(token);
         }
         // Another worker may have fetched one since this worker's last tick.
-        self.read_shared(credential);
+        self.read_shared(host, credential);
         if let Some(token) = self.usable(credential, now) {
             return Lookup::Ready(token);
         }
@@ -117,7 +116,7 @@ impl Tokens {
         match local.state.wait(now, now + max_wait) {
             Wait::Ready | Wait::Hold => Lookup::Hold,
             Wait::GiveUp => {
-                self.metrics.add(Metric::TokenUnavailable, 1);
+                self.metrics.add(host, Metric::TokenUnavailable, 1);
                 Lookup::GiveUp(self.unavailable(credential, local.state.last_error.as_deref(), 0))
             }
         }
@@ -127,7 +126,14 @@ impl Tokens {
         self.local.get(credential)?.state.usable(now).cloned()
     }
 
-    pub fn hold(&mut self, context_id: u32, credential: usize, now: u64, edits: PendingEdits) {
+    pub fn hold(
+        &mut self,
+        host: &mut dyn Host,
+        context_id: u32,
+        credential: usize,
+        edits: PendingEdits,
+    ) {
+        let now = host.now_ms();
         let max_wait = self
             .config
             .credential(credential)
@@ -139,8 +145,8 @@ impl Tokens {
             deadline_ms: now + max_wait,
             pending: edits,
         });
-        self.metrics.add(Metric::RequestsHeld, 1);
-        self.metrics.add(Metric::RequestsWaiting, 1);
+        self.metrics.add(host, Metric::RequestsHeld, 1);
+        self.metrics.add(host, Metric::RequestsWaiting, 1);
     }
 
     /// Whether a request is still waiting (not yet resumed or answered).
@@ -149,35 +155,36 @@ impl Tokens {
     }
 
     /// A held request went away (its caller disconnected).
-    pub fn release(&mut self, context_id: u32) {
+    pub fn release(&mut self, host: &mut dyn Host, context_id: u32) {
         if self.waiters.remove(context_id) {
-            self.metrics.add(Metric::RequestsWaiting, -1);
+            self.metrics.add(host, Metric::RequestsWaiting, -1);
         }
     }
 
     /// Root tick: refresh local copies, start due fetches, settle waiters.
-    pub fn tick(&mut self, now: u64) -> Vec<Settlement> {
+    pub fn tick(&mut self, host: &mut dyn Host) -> Vec<Settlement> {
+        let now = host.now_ms();
         for credential in 0..self.local.len() {
-            self.read_shared(credential);
+            self.read_shared(host, credential);
             let due = self
                 .local
                 .get(credential)
                 .is_some_and(|l| l.state.wants_fetch(now));
             if due {
-                self.start_fetch(credential, now);
+                self.start_fetch(host, credential, now);
             }
         }
-        self.settle(now)
+        self.settle(host, now)
     }
 
-    /// Root: an identity endpoint answered (`status` None: no headers came).
+    /// Root: an identity endpoint answered.
     pub fn on_response(
         &mut self,
+        host: &mut dyn Host,
         callout: u32,
-        status: Option<u16>,
-        body: &[u8],
-        now: u64,
+        response: &CalloutResponse,
     ) -> Vec<Settlement> {
+        let now = host.now_ms();
         let Some(position) = self.in_flight.iter().position(|f| f.callout == callout) else {
             return Vec::new();
         };
@@ -186,11 +193,11 @@ impl Tokens {
             return Vec::new();
         };
         let label = credential.label.clone();
-        match parse_token_response(status, body) {
+        match parse_token_response(response.status, &response.body) {
             Ok(token) => {
                 let jitter = self.jitter();
                 let lifetime = token.expires_in_s;
-                self.update(fetch.credential, |state| {
+                self.update(host, fetch.credential, |state| {
                     Some(state.with_token(
                         token.access_token.clone(),
                         lifetime,
@@ -198,14 +205,18 @@ impl Tokens {
                         jitter,
                     ))
                 });
-                log::info(format_args!(
-                    "azure-openai-filter: token for upstream `{label}` obtained, valid {lifetime} s"
-                ));
+                log(
+                    host,
+                    Level::Info,
+                    format_args!(
+                        "azure-openai-filter: token for upstream `{label}` obtained, valid {lifetime} s"
+                    ),
+                );
             }
             Err(reason) => {
-                self.metrics.add(Metric::TokenFetchFailures, 1);
+                self.metrics.add(host, Metric::TokenFetchFailures, 1);
                 let jitter = self.jitter();
-                let updated = self.update(fetch.credential, |state| {
+                let updated = self.update(host, fetch.credential, |state| {
                     Some(state.with_failure(reason.clone(), now, jitter))
                 });
                 let (keeping, retry_in) = updated.map_or((false, 0), |s| {
@@ -214,23 +225,27 @@ impl Tokens {
                         s.next_attempt_ms.saturating_sub(now),
                     )
                 });
-                log::warn(format_args!(
-                    "azure-openai-filter: token request for upstream `{label}` failed: {reason}; {}; next attempt in {retry_in} ms",
-                    if keeping { "still using the current token" } else { "no usable token" }
-                ));
+                log(
+                    host,
+                    Level::Warn,
+                    format_args!(
+                        "azure-openai-filter: token request for upstream `{label}` failed: {reason}; {}; next attempt in {retry_in} ms",
+                        if keeping { "still using the current token" } else { "no usable token" }
+                    ),
+                );
             }
         }
-        self.settle(now)
+        self.settle(host, now)
     }
 
     /// Takes the lease and sends the token request, from the root context.
-    fn start_fetch(&mut self, index: usize, now: u64) {
+    fn start_fetch(&mut self, host: &mut dyn Host, index: usize, now: u64) {
         let config = Rc::clone(&self.config);
         let Some(credential) = config.credential(index) else {
             return;
         };
         let timeout = credential.timeout_ms;
-        let leased = self.update(index, |state| {
+        let leased = self.update(host, index, |state| {
             state.wants_fetch(now).then(|| state.leased(now, timeout))
         });
         if leased.is_none() {
@@ -244,60 +259,65 @@ impl Tokens {
         ];
         headers.extend(request.headers.iter().copied());
         let body = request.body.as_ref().map(|b| b.expose().as_bytes());
-        let sent = proxy_wasm::hostcalls::dispatch_http_call(
-            &credential.cluster,
-            headers,
+        let sent = host.http_call(&Callout {
+            cluster: &credential.cluster,
+            headers: &headers,
             body,
-            Vec::new(),
-            Duration::from_millis(timeout),
-        );
-        self.metrics.add(Metric::TokenFetches, 1);
+            timeout_ms: timeout,
+        });
+        self.metrics.add(host, Metric::TokenFetches, 1);
         match sent {
             Ok(callout) => {
-                log::debug(format_args!(
-                    "azure-openai-filter: requesting a token for upstream `{}` from cluster `{}`",
-                    credential.label, credential.cluster
-                ));
+                log(
+                    host,
+                    Level::Debug,
+                    format_args!(
+                        "azure-openai-filter: requesting a token for upstream `{}` from cluster `{}`",
+                        credential.label, credential.cluster
+                    ),
+                );
                 self.in_flight.push(InFlight {
                     callout,
                     credential: index,
                     sent_at: now,
                 });
             }
-            Err(status) => {
-                self.metrics.add(Metric::TokenFetchFailures, 1);
-                // BadArgument: no such cluster. InternalFailure: the cluster
-                // has no host to send to (DNS found none, all unhealthy).
-                let reason = match status {
-                    proxy_wasm::types::Status::BadArgument => format!(
+            Err(error) => {
+                self.metrics.add(host, Metric::TokenFetchFailures, 1);
+                let reason = match error {
+                    CalloutError::UnknownCluster => format!(
                         "Envoy has no cluster `{}` for the identity endpoint",
                         credential.cluster
                     ),
-                    _ => format!(
+                    CalloutError::NoHost => format!(
                         "the identity endpoint could not be reached (no usable host in cluster `{}`)",
                         credential.cluster
                     ),
                 };
-                log::error(format_args!(
-                    "azure-openai-filter: token for upstream `{}`: {reason}",
-                    credential.label
-                ));
+                log(
+                    host,
+                    Level::Error,
+                    format_args!(
+                        "azure-openai-filter: token for upstream `{}`: {reason}",
+                        credential.label
+                    ),
+                );
                 let jitter = self.jitter();
-                self.update(index, |state| {
+                self.update(host, index, |state| {
                     Some(state.with_failure(reason.clone(), now, jitter))
                 });
             }
         }
     }
 
-    fn settle(&mut self, now: u64) -> Vec<Settlement> {
+    fn settle(&mut self, host: &mut dyn Host, now: u64) -> Vec<Settlement> {
         let local = &self.local;
         let settled = self
             .waiters
             .settle(now, |credential| local.get(credential).map(|l| &l.state));
         let mut out = Vec::with_capacity(settled.len());
         for item in settled {
-            self.metrics.add(Metric::RequestsWaiting, -1);
+            self.metrics.add(host, Metric::RequestsWaiting, -1);
             out.push(match item {
                 Settled::Resume {
                     context_id,
@@ -316,7 +336,7 @@ impl Tokens {
                     reason,
                     waited_ms,
                 } => {
-                    self.metrics.add(Metric::TokenUnavailable, 1);
+                    self.metrics.add(host, Metric::TokenUnavailable, 1);
                     Settlement::Fail {
                         context_id,
                         error: self.unavailable(credential, reason.as_deref(), waited_ms),
@@ -337,7 +357,7 @@ impl Tokens {
 
     /// Refreshes the local copy of a credential's state if the shared one
     /// changed since it was read.
-    fn read_shared(&mut self, credential: usize) {
+    fn read_shared(&mut self, host: &dyn Host, credential: usize) {
         let Some(key) = self
             .config
             .credential(credential)
@@ -345,7 +365,7 @@ impl Tokens {
         else {
             return;
         };
-        let Ok(Some((bytes, cas))) = abi::get_shared_data(key) else {
+        let Ok(Some((bytes, cas))) = host.shared_get(key) else {
             return;
         };
         if let Some(local) = self.local.get_mut(credential) {
@@ -360,12 +380,13 @@ impl Tokens {
     /// `change` returns None to leave it as it is. Returns the state written.
     fn update(
         &mut self,
+        host: &mut dyn Host,
         credential: usize,
         change: impl Fn(&TokenState) -> Option<TokenState>,
     ) -> Option<TokenState> {
         let key = self.config.credential(credential)?.shared_key.clone();
         for _ in 0..CAS_ATTEMPTS {
-            let (current, cas) = match abi::get_shared_data(&key) {
+            let (current, cas) = match host.shared_get(&key) {
                 Ok(Some((bytes, cas))) => (TokenState::decode(&bytes), cas),
                 Ok(None) => (TokenState::default(), 0),
                 Err(_) => return None,
@@ -379,8 +400,8 @@ impl Tokens {
                 }
                 return None;
             };
-            match abi::set_shared_data(&key, &next.encode(), cas) {
-                Ok(()) => {
+            match host.shared_set(&key, &next.encode(), cas) {
+                Write::Done => {
                     if let Some(local) = self.local.get_mut(credential) {
                         // The new version number is not returned: read it next time.
                         *local = Local {
@@ -390,12 +411,16 @@ impl Tokens {
                     }
                     return Some(next);
                 }
-                Err(abi::CAS_MISMATCH) => continue,
-                Err(status) => {
-                    log::error(format_args!(
-                        "azure-openai-filter: could not write shared token state (status {})",
-                        status.0
-                    ));
+                Write::Conflict => continue,
+                Write::Failed(status) => {
+                    log(
+                        host,
+                        Level::Error,
+                        format_args!(
+                            "azure-openai-filter: could not write shared token state (status {})",
+                            status.0
+                        ),
+                    );
                     return None;
                 }
             }
@@ -414,6 +439,7 @@ impl Tokens {
 
 /// What the root does for a waiting request, once it no longer borrows
 /// `Tokens` (resuming a request may call back into this VM).
+#[derive(Debug)]
 pub enum Settlement {
     Resume {
         context_id: u32,

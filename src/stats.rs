@@ -1,8 +1,7 @@
 //! The filter's own stats, under `wasmcustom.azure_openai_filter.*` in
 //! Envoy's `/stats` (counters and gauges add up across workers).
 
-use super::abi::{self, MetricType};
-use super::log;
+use crate::host_api::{log, Host, Level, MetricKind};
 
 #[derive(Debug, Clone, Copy)]
 pub enum Metric {
@@ -18,26 +17,26 @@ pub enum Metric {
     RequestsWaiting,
 }
 
-const METRICS: [(Metric, MetricType, &str); 5] = [
-    (Metric::TokenFetches, MetricType::Counter, "token_fetches"),
+const METRICS: [(Metric, MetricKind, &str); 5] = [
+    (Metric::TokenFetches, MetricKind::Counter, "token_fetches"),
     (
         Metric::TokenFetchFailures,
-        MetricType::Counter,
+        MetricKind::Counter,
         "token_fetch_failures",
     ),
     (
         Metric::RequestsHeld,
-        MetricType::Counter,
+        MetricKind::Counter,
         "requests_held_for_token",
     ),
     (
         Metric::TokenUnavailable,
-        MetricType::Counter,
+        MetricKind::Counter,
         "requests_token_unavailable",
     ),
     (
         Metric::RequestsWaiting,
-        MetricType::Gauge,
+        MetricKind::Gauge,
         "requests_waiting_for_token",
     ),
 ];
@@ -50,25 +49,30 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn define() -> Self {
+    pub fn define(host: &mut dyn Host) -> Self {
         let mut metrics = Metrics::default();
         for (slot, (_, kind, name)) in metrics.ids.iter_mut().zip(METRICS) {
             let full = format!("azure_openai_filter.{name}");
-            match abi::define_metric(kind, &full) {
+            match host.define_metric(kind, &full) {
                 Ok(id) => *slot = Some(id),
-                Err(status) => log::error(format_args!(
-                    "azure-openai-filter: could not define metric {full} (status {})",
-                    status.0
-                )),
+                Err(status) => log(
+                    host,
+                    Level::Error,
+                    format_args!(
+                        "azure-openai-filter: could not define metric {full} (status {})",
+                        status.0
+                    ),
+                ),
             }
         }
         metrics
     }
 
-    pub fn add(&self, metric: Metric, delta: i64) {
+    /// A stat that fails to move is not worth failing a request for, so
+    /// this cannot fail.
+    pub fn add(&self, host: &mut dyn Host, metric: Metric, delta: i64) {
         if let Some(Some(id)) = self.ids.get(metric as usize) {
-            // A stat that fails to move is not worth failing a request for.
-            let _ = abi::increment_metric(*id, delta);
+            host.add_to_metric(*id, delta);
         }
     }
 }

@@ -1,0 +1,497 @@
+//! One request, from its headers to the end of its response: the state
+//! machine the host's request context drives, callback by callback.
+//!
+//! On its headers the filter admits the request and either answers
+//! (rejections, the model list), forwards it at once (the model is in the
+//! path, or no model is needed), or holds the headers while the body comes
+//! in, reading it as it arrives (a form is refused as soon as its model is
+//! known to be off limits), and routes it once the body is whole. A request
+//! to a token upstream with no token yet waits (paused) until the worker
+//! resumes or answers it.
+//!
+//! Responses stream through untouched, except Azure error answers that
+//! OpenAI SDKs would misread (see `upstream_errors`), which are held and
+//! read whole.
+//!
+//! Host calls per forwarded request: one to read every header, one to read
+//! the body, then one per header edit (about six).
+
+use std::rc::Rc;
+
+use crate::body::BodySource;
+use crate::config::Config;
+use crate::errors::ApiError;
+use crate::gateway::{self, BodyReader, Forward, HeaderEdit, Pending, Plan, RequestHead};
+use crate::headers::{self, Header};
+use crate::host_api::{log, Flow, Host, Level, Stream};
+use crate::token::Lookup;
+use crate::upstream_errors::{self, Encoding, MAX_TRANSLATED_ERROR_BYTES};
+use crate::worker::{apply_edits, send_error, send_reply, Worker, WATCH_TICK_MS};
+
+enum State {
+    /// Headers not seen yet.
+    New,
+    /// Held on its headers while the body comes in. Holds the encoded
+    /// request headers.
+    AwaitingBody(Pending, BodyReader, Vec<u8>),
+    /// Waiting for its upstream's token; the worker resumes or answers it.
+    WaitingForToken,
+    /// On its way upstream; `Some(n)` when its body streams through
+    /// unread, `n` bytes of it so far (held to the body limit all the same).
+    Forwarded(Option<usize>),
+    /// Answered by the filter.
+    Answered,
+}
+
+/// What an Azure error answer needs to be translated.
+struct Translation {
+    alias: String,
+    upstream: String,
+}
+
+/// An Azure error answer held whole to be translated.
+struct HeldError {
+    status: u16,
+    encoding: Encoding,
+}
+
+pub struct Exchange {
+    id: u32,
+    /// None when the VM has no valid configuration.
+    worker: Option<Rc<Worker>>,
+    state: State,
+    translation: Option<Translation>,
+    held_error: Option<HeldError>,
+}
+
+impl Exchange {
+    pub fn new(id: u32, worker: Option<Rc<Worker>>) -> Self {
+        Exchange {
+            id,
+            worker,
+            state: State::New,
+            translation: None,
+            held_error: None,
+        }
+    }
+
+    fn worker(&self) -> Result<Rc<Worker>, ApiError> {
+        self.worker
+            .clone()
+            .ok_or_else(|| ApiError::internal("the filter is not configured"))
+    }
+
+    pub fn on_request_headers(
+        &mut self,
+        host: &mut dyn Host,
+        stream: &mut dyn Stream,
+        end_of_stream: bool,
+    ) -> Flow {
+        let outcome = self.headers(host, stream, end_of_stream);
+        self.conclude(host, stream, outcome)
+    }
+
+    pub fn on_request_body(
+        &mut self,
+        host: &mut dyn Host,
+        stream: &mut dyn Stream,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        match &mut self.state {
+            State::AwaitingBody(..) => {
+                if let Some(worker) = &self.worker {
+                    // A body reached a held request: the flag it needs is set.
+                    if let Ok(mut watch) = worker.body_watch.try_borrow_mut() {
+                        watch.body_arrived();
+                    }
+                }
+                let outcome = self.body(host, stream, body_size, end_of_stream);
+                self.conclude(host, stream, outcome)
+            }
+            State::WaitingForToken => {
+                // Held on its headers, the body keeps arriving: keep it until
+                // the worker has resumed (or answered) the request.
+                let waiting = self
+                    .worker
+                    .as_ref()
+                    .and_then(|w| w.tokens.as_ref())
+                    .is_some_and(|t| t.try_borrow().map_or(true, |t| t.is_waiting(self.id)));
+                if waiting {
+                    return Flow::Pause;
+                }
+                self.state = State::Forwarded(None);
+                Flow::Continue
+            }
+            State::Forwarded(Some(streamed)) => {
+                // A body forwarded unread is held to the limit all the same;
+                // over it, the upstream request is reset, never completed.
+                *streamed = streamed.saturating_add(body_size);
+                let received = *streamed;
+                let over = self
+                    .worker
+                    .as_ref()
+                    .and_then(|w| gateway::check_body_size(&w.config, received).err());
+                match over {
+                    Some(error) => self.reject(host, stream, &error),
+                    None => Flow::Continue,
+                }
+            }
+            _ => Flow::Continue,
+        }
+    }
+
+    pub fn on_request_trailers(&mut self, host: &mut dyn Host, stream: &mut dyn Stream) -> Flow {
+        if !matches!(self.state, State::AwaitingBody(..)) {
+            return Flow::Continue;
+        }
+        // Trailers end the body too; the buffer holds all of it.
+        let size = stream.request_body_len().unwrap_or(0);
+        let outcome = self.body(host, stream, size, true);
+        self.conclude(host, stream, outcome)
+    }
+
+    pub fn on_response_headers(
+        &mut self,
+        _host: &mut dyn Host,
+        stream: &mut dyn Stream,
+        end_of_stream: bool,
+    ) -> Flow {
+        if self.translation.is_none() || end_of_stream {
+            return Flow::Continue;
+        }
+        let Ok(encoded) = stream.response_headers() else {
+            return Flow::Continue;
+        };
+        let Some(response_headers) = headers::decode(&encoded) else {
+            return Flow::Continue;
+        };
+        let status = headers::first(&response_headers, ":status")
+            .and_then(|s| std::str::from_utf8(s).ok()?.parse::<u16>().ok())
+            .unwrap_or(0);
+        let json = headers::first(&response_headers, "content-type")
+            .is_some_and(|t| t.starts_with(b"application/json"));
+        if !upstream_errors::may_translate(status) || !json {
+            return Flow::Continue;
+        }
+        // Hold the headers with the body: whether they change (length,
+        // encoding) is known once the body has been read.
+        self.held_error = Some(HeldError {
+            status,
+            encoding: Encoding::of(headers::first(&response_headers, "content-encoding")),
+        });
+        Flow::Pause
+    }
+
+    pub fn on_response_body(
+        &mut self,
+        host: &mut dyn Host,
+        stream: &mut dyn Stream,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        let Some(held) = &self.held_error else {
+            return Flow::Continue;
+        };
+        if body_size > MAX_TRANSLATED_ERROR_BYTES {
+            self.held_error = None; // too big to be an error envelope
+            return Flow::Continue;
+        }
+        if !end_of_stream {
+            return Flow::Pause;
+        }
+        let (Some(translation), Ok(body)) = (&self.translation, stream.response_body(0, body_size))
+        else {
+            self.held_error = None;
+            return Flow::Continue;
+        };
+        if let Some((replacement, note)) = upstream_errors::translate(
+            held.status,
+            &body,
+            &held.encoding,
+            &translation.alias,
+            &translation.upstream,
+        ) {
+            log(
+                host,
+                Level::Warn,
+                format_args!("request {}: {note}", self.id),
+            );
+            let rewritten = stream
+                .remove_response_header("content-length")
+                .and_then(|()| stream.remove_response_header("content-encoding"))
+                .and_then(|()| stream.replace_response_body(0, body_size, &replacement));
+            if rewritten.is_err() {
+                log(
+                    host,
+                    Level::Error,
+                    format_args!("request {}: could not rewrite an upstream error", self.id),
+                );
+            }
+        }
+        self.held_error = None;
+        Flow::Continue
+    }
+
+    /// The request is over (done, reset, or its caller left): it leaves
+    /// nothing behind. If the worker is busy right now, it skips gone
+    /// requests by itself.
+    pub fn on_done(&mut self, host: &mut dyn Host) {
+        let Some(worker) = &self.worker else {
+            return;
+        };
+        match self.state {
+            State::WaitingForToken => {
+                if let Some(Ok(mut tokens)) = worker.tokens.as_ref().map(|t| t.try_borrow_mut()) {
+                    tokens.release(host, self.id);
+                }
+            }
+            State::AwaitingBody(..) => self.release_watch(),
+            _ => {}
+        }
+        self.state = State::Answered;
+    }
+
+    /// Header phase: admit the request, then answer, forward or wait for the body.
+    fn headers(
+        &mut self,
+        host: &mut dyn Host,
+        stream: &mut dyn Stream,
+        end_of_stream: bool,
+    ) -> Result<Flow, ApiError> {
+        let worker = self.worker()?;
+        let config = &worker.config;
+        let encoded = stream.request_headers().map_err(|_| unreadable_headers())?;
+        let request_headers = headers::decode(&encoded).ok_or_else(unreadable_headers)?;
+        let head = RequestHead::from_headers(&request_headers, !end_of_stream);
+        let admitted = gateway::admit(config, &head)?;
+        match gateway::plan(config, admitted)? {
+            Plan::Answer(status, body) => {
+                self.state = State::Answered;
+                send_reply(
+                    host,
+                    stream,
+                    status,
+                    &[(b"content-type", b"application/json")],
+                    &body,
+                );
+                Ok(Flow::Pause)
+            }
+            Plan::Forward(forward) => {
+                let flow = self.forward(host, stream, &worker, &forward, &request_headers)?;
+                if !end_of_stream {
+                    if let State::Forwarded(streamed) = &mut self.state {
+                        *streamed = Some(0);
+                    }
+                }
+                Ok(flow)
+            }
+            Plan::ReadBody(pending) => {
+                let content_types: Vec<&[u8]> =
+                    headers::values(&request_headers, "content-type").collect();
+                let reader = BodyReader::new(pending.op, &content_types)?;
+                // Hold the headers; with allow_on_headers_stop_iteration the
+                // body still arrives, and the headers can change once it has.
+                self.state = State::AwaitingBody(pending, reader, encoded);
+                let now = host.now_ms();
+                let first = worker
+                    .body_watch
+                    .try_borrow_mut()
+                    .is_ok_and(|mut watch| watch.hold(self.id, now));
+                // The root must tick to check on it (it does anyway with tokens).
+                if first && worker.tokens.is_none() {
+                    host.set_tick_period_ms(WATCH_TICK_MS);
+                }
+                Ok(Flow::Pause)
+            }
+        }
+    }
+
+    /// More of a held request's body is in (all of it when `complete`):
+    /// refuse early, keep holding, or route and forward.
+    fn body(
+        &mut self,
+        host: &mut dyn Host,
+        stream: &mut dyn Stream,
+        body_size: usize,
+        complete: bool,
+    ) -> Result<Flow, ApiError> {
+        let worker = self.worker()?;
+        let State::AwaitingBody(pending, mut reader, encoded_headers) =
+            std::mem::replace(&mut self.state, State::Answered)
+        else {
+            return Ok(Flow::Continue);
+        };
+        let mut body = StreamBody {
+            stream: &mut *stream,
+            len: body_size,
+        };
+        let routed =
+            gateway::read_body(&worker.config, &pending, &mut reader, &mut body, complete)?;
+        let Some(forward) = routed else {
+            self.state = State::AwaitingBody(pending, reader, encoded_headers);
+            return Ok(Flow::Pause); // buffer until the whole body is in
+        };
+        self.release_watch();
+        let request_headers = headers::decode(&encoded_headers).ok_or_else(unreadable_headers)?;
+        if let Some(edit) = &forward.body_edit {
+            stream
+                .replace_request_body_prefix(edit.replace, &edit.with)
+                .map_err(|_| ApiError::internal("could not rewrite the request body"))?;
+        }
+        self.forward(host, stream, &worker, &forward, &request_headers)
+    }
+
+    /// Sends the request upstream (Continue), or holds it until its
+    /// upstream's token is there (Pause).
+    fn forward(
+        &mut self,
+        host: &mut dyn Host,
+        stream: &mut dyn Stream,
+        worker: &Worker,
+        forward: &Forward<'_>,
+        request_headers: &[Header<'_>],
+    ) -> Result<Flow, ApiError> {
+        let config: &Config = &worker.config;
+        self.state = State::Forwarded(None);
+        self.translation = forward
+            .model
+            .filter(|_| forward.upstream.is_azure())
+            .map(|model| Translation {
+                alias: model.alias.clone(),
+                upstream: forward.upstream.name.clone(),
+            });
+        let alias = forward.model.map_or("-", |m| m.alias.as_str());
+        // The path without its query: a query is never logged.
+        let path = forward.path.split('?').next().unwrap_or_default();
+        let token = match forward.token_credential() {
+            None => None,
+            Some(credential) => {
+                let tokens = worker
+                    .tokens
+                    .as_ref()
+                    .ok_or_else(|| ApiError::internal("token credentials are not set up"))?;
+                let busy = || ApiError::internal("the token state is busy");
+                let lookup = tokens
+                    .try_borrow_mut()
+                    .map_err(|_| busy())?
+                    .lookup(host, credential);
+                match lookup {
+                    Lookup::Ready(token) => Some(token),
+                    Lookup::GiveUp(error) => return Err(error),
+                    Lookup::Hold => {
+                        let edits = forward
+                            .header_edits(config, request_headers, None)
+                            .into_iter()
+                            .map(HeaderEdit::into_owned)
+                            .collect();
+                        tokens
+                            .try_borrow_mut()
+                            .map_err(|_| busy())?
+                            .hold(host, self.id, credential, edits);
+                        self.state = State::WaitingForToken;
+                        // Wake the root now rather than at its next tick.
+                        host.set_tick_period_ms(1);
+                        log(
+                            host,
+                            Level::Debug,
+                            format_args!(
+                                "request {}: caller `{}` model `{alias}` waits for a token for upstream `{}`",
+                                self.id, forward.caller, forward.upstream.name
+                            ),
+                        );
+                        return Ok(Flow::Pause);
+                    }
+                }
+            }
+        };
+        let edits = forward.header_edits(config, request_headers, token.as_ref());
+        if let Err(status) = apply_edits(stream, &edits) {
+            log(
+                host,
+                Level::Error,
+                format_args!(
+                    "request {}: Envoy refused a header change (status {}); is \
+                     allow_on_headers_stop_iteration: true set on the Wasm filter?",
+                    self.id, status.0
+                ),
+            );
+            return Err(ApiError::internal(
+                "Envoy refused to let the filter rewrite the request (its operators must \
+                 set `allow_on_headers_stop_iteration: true` on the Wasm filter)",
+            ));
+        }
+        log(
+            host,
+            Level::Debug,
+            format_args!(
+                "request {}: caller `{}` model `{alias}` -> upstream `{}` {path}",
+                self.id, forward.caller, forward.upstream.name
+            ),
+        );
+        Ok(Flow::Continue)
+    }
+
+    /// Answers with the OpenAI error JSON; nothing goes upstream.
+    fn reject(&mut self, host: &mut dyn Host, stream: &mut dyn Stream, error: &ApiError) -> Flow {
+        self.state = State::Answered;
+        self.translation = None;
+        self.release_watch();
+        log(
+            host,
+            Level::Debug,
+            format_args!(
+                "request {}: answered {} {}",
+                self.id, error.status, error.code
+            ),
+        );
+        send_error(host, stream, error);
+        Flow::Pause
+    }
+
+    fn conclude(
+        &mut self,
+        host: &mut dyn Host,
+        stream: &mut dyn Stream,
+        outcome: Result<Flow, ApiError>,
+    ) -> Flow {
+        match outcome {
+            Ok(flow) => flow,
+            Err(error) => self.reject(host, stream, &error),
+        }
+    }
+
+    fn release_watch(&self) {
+        if let Some(worker) = &self.worker {
+            if let Ok(mut watch) = worker.body_watch.try_borrow_mut() {
+                watch.release(self.id);
+            }
+        }
+    }
+}
+
+/// The request body the stream has received so far, read in pieces.
+struct StreamBody<'s> {
+    stream: &'s mut dyn Stream,
+    len: usize,
+}
+
+impl BodySource for StreamBody<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn read(&mut self, start: usize, len: usize) -> Result<Vec<u8>, ApiError> {
+        let len = len.min(self.len.saturating_sub(start));
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        self.stream
+            .request_body(start, len)
+            .map_err(|_| ApiError::internal("could not read the request body"))
+    }
+}
+
+fn unreadable_headers() -> ApiError {
+    ApiError::internal("could not read the request headers")
+}
