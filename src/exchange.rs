@@ -495,3 +495,196 @@ impl BodySource for StreamBody<'_> {
 fn unreadable_headers() -> ApiError {
     ApiError::internal("could not read the request headers")
 }
+
+#[cfg(test)]
+mod tests {
+    //! Whole requests through the state machine, on the fake host: what the
+    //! upstream would get, and what the caller gets.
+
+    use super::*;
+    use crate::testing::{FakeHost, FakeStream, World};
+    use crate::worker::{carry_out, Chore};
+    use sha2::{Digest, Sha256};
+
+    const KEY: &str = "sk-caller-1";
+
+    fn worker(host: &mut FakeHost, auth: serde_json::Value) -> Rc<Worker> {
+        let json = serde_json::json!({
+            "upstreams": {"west": {"endpoint": "https://acme-west.openai.azure.com",
+                                   "cluster": "azure_west", "auth": auth}},
+            "models": {"gpt-4o": {"upstream": "west", "deployment": "gpt4o-prod"}},
+            "callers": [{"name": "team", "key_sha256": hex::encode(Sha256::digest(KEY)),
+                         "models": ["gpt-4o"]}]
+        });
+        let config = Config::from_json(json.to_string().as_bytes(), &|_| None).unwrap();
+        Rc::new(Worker::new(Rc::new(config), 1, host))
+    }
+
+    mod hex {
+        pub fn encode(bytes: impl AsRef<[u8]>) -> String {
+            bytes.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+        }
+    }
+
+    fn chat(body: &str) -> FakeStream {
+        FakeStream::request(
+            "POST",
+            "/v1/chat/completions",
+            &[
+                ("authorization", &format!("Bearer {KEY}")),
+                ("content-type", "application/json"),
+            ],
+            body.as_bytes(),
+        )
+    }
+
+    /// Sends a request through headers and its whole body.
+    fn send(exchange: &mut Exchange, host: &mut FakeHost, stream: &mut FakeStream) -> Flow {
+        let flow = exchange.on_request_headers(host, stream, false);
+        if flow == Flow::Continue || stream.reply.is_some() {
+            return flow;
+        }
+        let len = stream.request_body.len();
+        exchange.on_request_body(host, stream, len, true)
+    }
+
+    #[test]
+    fn a_chat_request_goes_upstream_with_the_upstreams_credential() {
+        let world = World::new(1_000);
+        let mut host = FakeHost::new(&world, 1);
+        let worker = worker(
+            &mut host,
+            serde_json::json!({"api_key": {"value": "west-key"}}),
+        );
+        let mut stream = chat(r#"{"model":"gpt-4o","messages":[]}"#);
+        let mut exchange = Exchange::new(1, Some(worker));
+        assert_eq!(send(&mut exchange, &mut host, &mut stream), Flow::Continue);
+        assert_eq!(stream.reply, None);
+        assert_eq!(stream.header("authorization"), Vec::<String>::new());
+        assert_eq!(stream.header("api-key"), ["west-key"]);
+        assert_eq!(
+            stream.header(":path"),
+            ["/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"]
+        );
+        assert_eq!(stream.header("x-azure-openai-cluster"), ["azure_west"]);
+        assert_eq!(stream.header("accept-encoding"), ["identity"]);
+        assert!(host.logged("caller `team` model `gpt-4o` -> upstream `west`"));
+        assert!(!host.logged(KEY) && !host.logged("west-key"));
+    }
+
+    #[test]
+    fn a_request_waits_for_its_token_and_is_resumed_with_it() {
+        let world = World::new(1_000_000);
+        let mut host = FakeHost::new(&world, 1);
+        let worker = worker(
+            &mut host,
+            serde_json::json!({"managed_identity": {"imds_cluster": "imds"}}),
+        );
+        let mut stream = chat(r#"{"model":"gpt-4o"}"#);
+        let mut exchange = Exchange::new(5, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut stream), Flow::Pause);
+        assert_eq!(host.tick_period_ms, 1, "the root is woken at once");
+        assert!(!stream.resumed, "held, nothing goes upstream yet");
+        assert!(worker.on_tick(&mut host).is_empty());
+        let callout = host.callouts.last().unwrap().clone();
+        assert_eq!(callout.cluster, "imds");
+        let response = crate::host_api::CalloutResponse {
+            status: Some(200),
+            body: br#"{"access_token":"imds-token","expires_in":"3599","token_type":"Bearer"}"#
+                .to_vec(),
+        };
+        let chores = worker.on_callout_response(&mut host, callout.id, &response);
+        assert_eq!(chores.len(), 1);
+        for chore in chores {
+            assert_eq!(chore.context_id(), 5);
+            carry_out(&host, &mut stream, chore);
+        }
+        assert!(stream.resumed);
+        assert_eq!(stream.header("authorization"), ["Bearer imds-token"]);
+        // Body chunks that arrive later go through.
+        assert_eq!(
+            exchange.on_request_body(&mut host, &mut stream, 18, true),
+            Flow::Continue
+        );
+    }
+
+    #[test]
+    fn a_held_request_whose_body_never_comes_is_answered_500() {
+        let world = World::new(1_000);
+        let mut host = FakeHost::new(&world, 1);
+        let worker = worker(&mut host, serde_json::json!({"api_key": {"value": "k"}}));
+        let mut stream = chat(r#"{"model":"gpt-4o"}"#);
+        let mut exchange = Exchange::new(3, Some(worker.clone()));
+        assert_eq!(
+            exchange.on_request_headers(&mut host, &mut stream, false),
+            Flow::Pause
+        );
+        assert_eq!(host.tick_period_ms, WATCH_TICK_MS);
+        world.advance(crate::body_watch::OVERDUE_MS);
+        let chores = worker.on_tick(&mut host);
+        assert!(matches!(chores.as_slice(), [Chore::BodyNeverDelivered(3)]));
+        for chore in chores {
+            carry_out(&host, &mut stream, chore);
+        }
+        let reply = stream.reply.clone().unwrap();
+        assert_eq!(reply.status, 500);
+        assert!(reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("allow_on_headers_stop_iteration"));
+        assert!(host.logged("Envoy does not deliver request bodies"));
+        worker.schedule_tick(&mut host);
+        assert_eq!(host.tick_period_ms, 0, "nothing left to watch");
+    }
+
+    #[test]
+    fn a_body_proves_the_flag_and_later_requests_are_not_watched() {
+        let world = World::new(1_000);
+        let mut host = FakeHost::new(&world, 1);
+        let worker = worker(&mut host, serde_json::json!({"api_key": {"value": "k"}}));
+        let mut first = chat(r#"{"model":"gpt-4o"}"#);
+        let mut exchange = Exchange::new(1, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut first), Flow::Continue);
+        let mut slow = chat(r#"{"model":"gpt-4o"}"#);
+        let mut second = Exchange::new(2, Some(worker.clone()));
+        assert_eq!(
+            second.on_request_headers(&mut host, &mut slow, false),
+            Flow::Pause
+        );
+        world.advance(10 * crate::body_watch::OVERDUE_MS);
+        assert!(worker.on_tick(&mut host).is_empty());
+    }
+
+    #[test]
+    fn a_deployment_not_found_is_answered_as_an_unknown_model() {
+        let world = World::new(1_000);
+        let mut host = FakeHost::new(&world, 1);
+        let worker = worker(&mut host, serde_json::json!({"api_key": {"value": "k"}}));
+        let mut stream = chat(r#"{"model":"gpt-4o"}"#);
+        let mut exchange = Exchange::new(1, Some(worker));
+        send(&mut exchange, &mut host, &mut stream);
+        stream.response_headers = vec![
+            (":status".into(), b"404".to_vec()),
+            ("content-type".into(), b"application/json".to_vec()),
+            ("content-length".into(), b"99".to_vec()),
+        ];
+        stream.response_body =
+            br#"{"error":{"code":"DeploymentNotFound","message":"no gpt4o-prod"}}"#.to_vec();
+        assert_eq!(
+            exchange.on_response_headers(&mut host, &mut stream, false),
+            Flow::Pause
+        );
+        let len = stream.response_body.len();
+        assert_eq!(
+            exchange.on_response_body(&mut host, &mut stream, len, true),
+            Flow::Continue
+        );
+        let body: serde_json::Value = serde_json::from_slice(&stream.response_body).unwrap();
+        assert_eq!(body["error"]["code"], "model_not_found");
+        assert!(!stream
+            .response_headers
+            .iter()
+            .any(|(n, _)| n == "content-length"));
+        assert!(host.logged("DeploymentNotFound"));
+    }
+}

@@ -37,3 +37,5 @@ mod host;
 
 #[cfg(test)]
 mod robustness_tests;
+#[cfg(test)]
+mod testing;

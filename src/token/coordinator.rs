@@ -450,3 +450,354 @@ pub enum Settlement {
         error: ApiError,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    //! The coordinator across several VMs of one Envoy (`testing::World`):
+    //! one fetch per credential, leases taken over when their VM dies,
+    //! compare-and-swap conflicts, identity endpoints that fail.
+
+    use super::*;
+    use crate::testing::{FakeHost, World};
+
+    const CLIENT_ID: &str = "00000000-0000-0000-0000-0000000000c1";
+
+    fn config(max_wait_ms: u64) -> Rc<Config> {
+        let json = serde_json::json!({
+            "upstreams": {
+                "west": {
+                    "endpoint": "https://acme-west.openai.azure.com", "cluster": "azure_west",
+                    "auth": {"entra": {
+                        "tenant_id": "contoso.onmicrosoft.com", "client_id": CLIENT_ID,
+                        "client_secret": {"value": "client-secret-1"},
+                        "token_cluster": "entra", "timeout_ms": 5000, "max_wait_ms": max_wait_ms
+                    }}
+                }
+            },
+            "models": {"gpt-4o": {"upstream": "west", "deployment": "gpt4o"}},
+            "callers": [{"name": "a", "key_sha256": "0".repeat(64), "models": ["*"]}]
+        });
+        Rc::new(Config::from_json(json.to_string().as_bytes(), &|_| None).unwrap())
+    }
+
+    /// A VM: its host and its coordinator.
+    struct Vm {
+        host: FakeHost,
+        tokens: Tokens,
+    }
+
+    impl Vm {
+        fn new(world: &Rc<World>, config: &Rc<Config>, number: u32) -> Self {
+            let mut host = FakeHost::new(world, number * 1000);
+            let tokens = Tokens::new(config.clone(), u64::from(number) * 7919, &mut host);
+            tokens.create_shared_entries(&host);
+            Vm { host, tokens }
+        }
+
+        fn tick(&mut self) -> Vec<Settlement> {
+            self.tokens.tick(&mut self.host)
+        }
+
+        fn lookup(&mut self) -> Lookup {
+            self.tokens.lookup(&mut self.host, 0)
+        }
+
+        fn last_callout(&self) -> u32 {
+            self.host.callouts.last().expect("a callout").id
+        }
+
+        fn answer(&mut self, callout: u32, status: Option<u16>, body: &str) -> Vec<Settlement> {
+            let response = CalloutResponse {
+                status,
+                body: body.as_bytes().to_vec(),
+            };
+            self.tokens.on_response(&mut self.host, callout, &response)
+        }
+    }
+
+    fn token_json(token: &str, expires_in: u64) -> String {
+        format!(r#"{{"token_type":"Bearer","expires_in":{expires_in},"access_token":"{token}"}}"#)
+    }
+
+    fn ready(lookup: Lookup) -> Option<String> {
+        match lookup {
+            Lookup::Ready(token) => Some(token.expose().to_string()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn one_fetch_for_all_vms_and_every_vm_uses_the_token() {
+        let world = World::new(1_000_000);
+        let config = config(10_000);
+        let mut a = Vm::new(&world, &config, 1);
+        let mut b = Vm::new(&world, &config, 2);
+        a.tick();
+        b.tick();
+        assert_eq!(a.host.callouts.len() + b.host.callouts.len(), 1);
+        let sent = a.host.callouts[0].clone();
+        assert_eq!(sent.cluster, "entra");
+        let body = String::from_utf8(sent.body.unwrap()).unwrap();
+        assert!(body.contains("grant_type=client_credentials"), "{body}");
+        // b sees the lease: it holds a request rather than fetching again.
+        assert!(matches!(b.lookup(), Lookup::Hold));
+        world.advance(300);
+        assert!(a
+            .answer(sent.id, Some(200), &token_json("tok-1", 3600))
+            .is_empty());
+        // b reads the token from shared data, with no fetch of its own.
+        assert_eq!(ready(b.lookup()).as_deref(), Some("tok-1"));
+        assert_eq!(ready(a.lookup()).as_deref(), Some("tok-1"));
+        b.tick();
+        assert!(b.host.callouts.is_empty());
+        assert_eq!(world.stat("azure_openai_filter.token_fetches"), 1);
+    }
+
+    #[test]
+    fn a_request_held_on_one_vm_resumes_when_another_vm_fetches() {
+        let world = World::new(1_000_000);
+        let config = config(10_000);
+        let mut a = Vm::new(&world, &config, 1);
+        let mut b = Vm::new(&world, &config, 2);
+        a.tick(); // a holds the lease
+        assert!(matches!(b.lookup(), Lookup::Hold));
+        b.tokens
+            .hold(&mut b.host, 42, 0, vec![HeaderEdit::Remove("api-key")]);
+        assert!(b.tick().is_empty());
+        let id = a.last_callout();
+        a.answer(id, Some(200), &token_json("tok-1", 3600));
+        world.advance(20);
+        let settled = b.tick();
+        match settled.as_slice() {
+            [Settlement::Resume {
+                context_id: 42,
+                edits,
+            }] => {
+                assert_eq!(edits.len(), 2);
+                assert!(matches!(
+                    edits.last(),
+                    Some(HeaderEdit::Set(name, value))
+                        if name == "authorization" && value.as_ref() == b"Bearer tok-1"
+                ));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            world.stat("azure_openai_filter.requests_waiting_for_token"),
+            0
+        );
+        assert_eq!(world.stat("azure_openai_filter.requests_held_for_token"), 1);
+    }
+
+    #[test]
+    fn a_lease_left_by_a_vm_that_died_is_taken_over() {
+        let world = World::new(1_000_000);
+        let config = config(30_000);
+        let mut a = Vm::new(&world, &config, 1);
+        let mut b = Vm::new(&world, &config, 2);
+        a.tick(); // a takes the lease, then never answers (its VM died)
+        world.advance(5_000 + 2_000 - 1);
+        b.tick();
+        assert!(b.host.callouts.is_empty(), "the lease still holds");
+        world.advance(1);
+        b.tick();
+        assert_eq!(b.host.callouts.len(), 1, "b takes over");
+        let id = b.last_callout();
+        b.answer(id, Some(200), &token_json("tok-b", 3600));
+        assert_eq!(ready(a.lookup()).as_deref(), Some("tok-b"));
+        // The first VM's answer, should it come late after all, is one more
+        // good token: both VMs go on with a usable one.
+        let late = a.last_callout();
+        a.answer(late, Some(200), &token_json("tok-late", 3600));
+        assert_eq!(ready(a.lookup()).as_deref(), Some("tok-late"));
+        assert!(ready(b.lookup()).is_some());
+    }
+
+    #[test]
+    fn compare_and_swap_conflicts_are_retried() {
+        let world = World::new(1_000_000);
+        let config = config(10_000);
+        let mut a = Vm::new(&world, &config, 1);
+        world.conflicts_to_inject.set(CAS_ATTEMPTS - 1);
+        a.tick();
+        assert_eq!(
+            a.host.callouts.len(),
+            1,
+            "the lease is taken on the last attempt"
+        );
+        // With every attempt in conflict, the VM backs off instead of
+        // fetching without a lease.
+        let mut b = Vm::new(&world, &config, 2);
+        world.advance(10_000);
+        world.conflicts_to_inject.set(CAS_ATTEMPTS);
+        b.tick();
+        assert!(b.host.callouts.is_empty());
+    }
+
+    #[test]
+    fn only_one_vm_wins_a_race_for_the_lease() {
+        let world = World::new(1_000_000);
+        let config = config(10_000);
+        let mut vms: Vec<Vm> = (1..=4).map(|n| Vm::new(&world, &config, n)).collect();
+        // Every VM reads the shared state before any writes (their ticks
+        // interleave): each sees no lease, but compare-and-swap lets one win.
+        for vm in &mut vms {
+            vm.tokens.read_shared(&vm.host, 0);
+        }
+        for vm in &mut vms {
+            vm.tick();
+        }
+        let fetches: usize = vms.iter().map(|vm| vm.host.callouts.len()).sum();
+        assert_eq!(fetches, 1);
+    }
+
+    #[test]
+    fn an_unknown_token_cluster_backs_off_and_answers_waiters_with_the_reason() {
+        let world = World::new(1_000_000);
+        let config = config(2_000);
+        let mut a = Vm::new(&world, &config, 1);
+        a.host.refuse_callouts = Some(CalloutError::UnknownCluster);
+        a.tick();
+        assert!(a.host.logged("Envoy has no cluster `entra`"));
+        assert!(
+            matches!(a.lookup(), Lookup::Hold),
+            "a retry comes within the wait"
+        );
+        a.tokens.hold(&mut a.host, 7, 0, Vec::new());
+        let mut attempts = 1;
+        let mut failed = Vec::new();
+        for _ in 0..150 {
+            world.advance(20);
+            let before = world.stat("azure_openai_filter.token_fetches");
+            failed.extend(a.tick());
+            attempts += (world.stat("azure_openai_filter.token_fetches") - before) as usize;
+        }
+        // 3 s of a missing cluster: a few attempts, not one per tick.
+        assert!((2..=5).contains(&attempts), "{attempts}");
+        match failed.as_slice() {
+            [Settlement::Fail {
+                context_id: 7,
+                error,
+            }] => {
+                assert_eq!((error.status, error.code), (503, "token_unavailable"));
+                assert!(
+                    error.message.contains("no cluster `entra`"),
+                    "{}",
+                    error.message
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_failing_endpoint_keeps_the_token_while_it_is_usable_then_recovers() {
+        let world = World::new(1_000_000);
+        let config = config(10_000);
+        let mut a = Vm::new(&world, &config, 1);
+        let mut b = Vm::new(&world, &config, 2);
+        a.tick();
+        let id = a.last_callout();
+        a.answer(id, Some(200), &token_json("tok-1", 100));
+        // Past 60% of its life the token is refreshed; the refresh fails.
+        world.advance(61_000);
+        a.tick();
+        b.tick();
+        let refreshes: Vec<u32> = a
+            .host
+            .callouts
+            .iter()
+            .chain(&b.host.callouts)
+            .map(|c| c.id)
+            .filter(|&c| c != id)
+            .collect();
+        assert_eq!(refreshes.len(), 1, "one refresh for both VMs");
+        let (vm, callout) = if a.host.callouts.len() == 2 {
+            (&mut a, refreshes[0])
+        } else {
+            (&mut b, refreshes[0])
+        };
+        vm.answer(
+            callout,
+            Some(401),
+            r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret.","error_codes":[7000215]}"#,
+        );
+        assert!(vm.host.logged("still using the current token"));
+        assert!(vm.host.logged("AADSTS7000215"));
+        assert!(!vm.host.logged("client-secret-1"));
+        assert_eq!(ready(a.lookup()).as_deref(), Some("tok-1"));
+        assert_eq!(ready(b.lookup()).as_deref(), Some("tok-1"));
+        // The connection closing mid-answer is one more failure, then a success.
+        world.advance(1_000);
+        a.tick();
+        b.tick();
+        let third = a
+            .host
+            .callouts
+            .iter()
+            .chain(&b.host.callouts)
+            .map(|c| c.id)
+            .max()
+            .unwrap();
+        let owner = if a.host.callouts.iter().any(|c| c.id == third) {
+            &mut a
+        } else {
+            &mut b
+        };
+        owner.answer(third, None, "");
+        world.advance(2_000);
+        a.tick();
+        b.tick();
+        let fourth = a
+            .host
+            .callouts
+            .iter()
+            .chain(&b.host.callouts)
+            .map(|c| c.id)
+            .max()
+            .unwrap();
+        assert_ne!(fourth, third);
+        let owner = if a.host.callouts.iter().any(|c| c.id == fourth) {
+            &mut a
+        } else {
+            &mut b
+        };
+        owner.answer(fourth, Some(200), &token_json("tok-2", 3600));
+        // Each VM picks the new token up on its next tick.
+        a.tick();
+        b.tick();
+        assert_eq!(ready(a.lookup()).as_deref(), Some("tok-2"));
+        assert_eq!(ready(b.lookup()).as_deref(), Some("tok-2"));
+    }
+
+    #[test]
+    fn a_request_that_cannot_get_a_token_in_time_gives_up_at_once() {
+        let world = World::new(1_000_000);
+        let config = config(0);
+        let mut a = Vm::new(&world, &config, 1);
+        match a.lookup() {
+            Lookup::GiveUp(error) => assert_eq!(error.code, "token_unavailable"),
+            _ => panic!("no waiting allowed"),
+        }
+        assert_eq!(
+            world.stat("azure_openai_filter.requests_token_unavailable"),
+            1
+        );
+    }
+
+    #[test]
+    fn released_waiters_are_not_settled() {
+        let world = World::new(1_000_000);
+        let config = config(10_000);
+        let mut a = Vm::new(&world, &config, 1);
+        a.tick();
+        a.tokens.hold(&mut a.host, 9, 0, Vec::new());
+        a.tokens.release(&mut a.host, 9);
+        let id = a.last_callout();
+        assert!(a.answer(id, Some(200), &token_json("t", 60)).is_empty());
+        assert_eq!(
+            world.stat("azure_openai_filter.requests_waiting_for_token"),
+            0
+        );
+    }
+}
