@@ -39,10 +39,6 @@ impl World {
         self.stats.borrow().get(name).copied().unwrap_or(0)
     }
 
-    pub fn shared_value(&self, key: &str) -> Option<Vec<u8>> {
-        self.shared.borrow().get(key).map(|(v, _)| v.clone())
-    }
-
     fn bump(&self) -> u32 {
         let version = self.next_version.get();
         self.next_version.set(version + 1);
