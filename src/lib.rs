@@ -30,6 +30,7 @@ mod secret;
 mod stats;
 mod token;
 mod upstream_errors;
+mod usage;
 mod worker;
 
 #[cfg(target_arch = "wasm32")]

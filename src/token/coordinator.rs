@@ -538,7 +538,9 @@ mod tests {
         let sent = a.host.callouts[0].clone();
         assert_eq!(sent.cluster, "entra");
         assert_eq!(sent.timeout_ms, 5_000);
-        assert!(sent.headers.contains(&(":authority".into(), "login.microsoftonline.com".into())));
+        assert!(sent
+            .headers
+            .contains(&(":authority".into(), "login.microsoftonline.com".into())));
         let body = String::from_utf8(sent.body.unwrap()).unwrap();
         assert!(body.contains("grant_type=client_credentials"), "{body}");
         // b sees the lease: it holds a request rather than fetching again.

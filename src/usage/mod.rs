@@ -1,0 +1,133 @@
+//! Token usage, read from answers as they stream to the caller, never held:
+//! the `usage` of a JSON answer (chat, completions, embeddings, images,
+//! the Responses API), the usage event of a chat or completions stream, and
+//! the `response.usage` of the Responses API's `response.completed` event.
+//!
+//! When the filter itself asked the upstream for a stream's usage
+//! (`stream_options.include_usage`, which the caller had not), it also
+//! takes out of the stream what that request added: the usage-only event,
+//! and the `"usage": null` member of the other events, so the caller's
+//! stream is what it would have been.
+
+mod scan;
+mod sse;
+
+pub use sse::SseRewrite;
+
+use serde::Deserialize;
+
+use scan::JsonScanner;
+use sse::SseReader;
+
+/// Tokens one answer reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input: u64,
+    pub output: u64,
+    pub cached_input: u64,
+    pub reasoning_output: u64,
+}
+
+impl Usage {
+    /// Reads a `usage` object, in either naming (chat's
+    /// `prompt_tokens`/`completion_tokens` or the Responses API's
+    /// `input_tokens`/`output_tokens`). None when it holds no counts.
+    pub fn from_json(bytes: &[u8]) -> Option<Usage> {
+        #[derive(Deserialize)]
+        struct Details {
+            cached_tokens: Option<u64>,
+            reasoning_tokens: Option<u64>,
+        }
+        #[derive(Deserialize)]
+        struct Raw {
+            prompt_tokens: Option<u64>,
+            completion_tokens: Option<u64>,
+            input_tokens: Option<u64>,
+            output_tokens: Option<u64>,
+            prompt_tokens_details: Option<Details>,
+            input_tokens_details: Option<Details>,
+            completion_tokens_details: Option<Details>,
+            output_tokens_details: Option<Details>,
+        }
+        let raw: Raw = serde_json::from_slice(bytes).ok()?;
+        let input = raw.prompt_tokens.or(raw.input_tokens);
+        let output = raw.completion_tokens.or(raw.output_tokens);
+        if input.is_none() && output.is_none() {
+            return None;
+        }
+        let detail =
+            |a: &Option<Details>, b: &Option<Details>, pick: fn(&Details) -> Option<u64>| {
+                a.as_ref()
+                    .and_then(pick)
+                    .or_else(|| b.as_ref().and_then(pick))
+                    .unwrap_or(0)
+            };
+        Some(Usage {
+            input: input.unwrap_or(0),
+            output: output.unwrap_or(0),
+            cached_input: detail(&raw.prompt_tokens_details, &raw.input_tokens_details, |d| {
+                d.cached_tokens
+            }),
+            reasoning_output: detail(
+                &raw.completion_tokens_details,
+                &raw.output_tokens_details,
+                |d| d.reasoning_tokens,
+            ),
+        })
+    }
+}
+
+/// Where an answer keeps its usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// A JSON answer: top-level `usage`.
+    Json,
+    /// A chat/completions stream: the usage event's top-level `usage`.
+    ChatStream,
+    /// A Responses API stream: `response.usage` of `response.completed`.
+    ResponsesStream,
+}
+
+/// Reads one answer's usage from its body, piece by piece.
+#[derive(Debug)]
+pub enum UsageReader {
+    Json(JsonScanner),
+    Stream(SseReader),
+}
+
+impl UsageReader {
+    /// `strip`: the filter asked for this stream's usage; take what that
+    /// added out of it (see the module's doc).
+    pub fn new(shape: Shape, strip: bool) -> Self {
+        match shape {
+            Shape::Json => UsageReader::Json(JsonScanner::new(&["usage"])),
+            Shape::ChatStream => UsageReader::Stream(SseReader::new(&["usage"], strip)),
+            Shape::ResponsesStream => {
+                UsageReader::Stream(SseReader::new(&["response", "usage"], false))
+            }
+        }
+    }
+
+    /// The next piece of the body; for a stream being stripped, what the
+    /// caller gets instead of the piece (None: the piece as it is).
+    pub fn feed(&mut self, piece: &[u8], last: bool) -> Option<Vec<u8>> {
+        match self {
+            UsageReader::Json(scanner) => {
+                scanner.feed(piece);
+                None
+            }
+            UsageReader::Stream(reader) => reader.feed(piece, last),
+        }
+    }
+
+    /// The usage the answer reported (once its body is whole).
+    pub fn usage(&self) -> Option<Usage> {
+        match self {
+            UsageReader::Json(scanner) => Usage::from_json(scanner.found()?.value.as_deref()?),
+            UsageReader::Stream(reader) => reader.usage(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
