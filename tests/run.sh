@@ -11,6 +11,19 @@ cargo test --locked
 echo "== release module"
 ./wasm-build.sh
 
+# The OCI image test reads the layout with skopeo and checks it against the
+# OCI image-spec schemas; both come from Debian, installed when missing.
+missing=()
+command -v skopeo >/dev/null || missing+=(skopeo)
+[ -d /usr/share/gocode/src/github.com/opencontainers/image-spec/schema ] ||
+  missing+=(golang-github-opencontainers-image-spec-dev)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing ${missing[*]} (Debian packages)"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get install -y -q "${missing[@]}" >&2 ||
+    { $sudo apt-get update -q >&2 && $sudo apt-get install -y -q "${missing[@]}" >&2; }
+fi
+
 echo "== integration tests (real Envoy)"
 venv=$(tests/venv.sh)
 "$venv/bin/python" -m pytest tests/integration "$@"
