@@ -4,8 +4,7 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 
-use azure_openai_filter::config::{Config, Flavor, ModelAccess, Upstream, UpstreamAuth};
-use azure_openai_filter::routes::Operation;
+use azure_openai_filter::config::{Config, Flavor, ModelAccess, Operation, Upstream, UpstreamAuth};
 
 use super::source::{self, EnvScope, Found, Lookup};
 use super::{usage, OK, REFUSED};
