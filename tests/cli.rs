@@ -3,7 +3,12 @@
 //! keys it makes itself.
 #![cfg(not(target_arch = "wasm32"))]
 // A test crate: failing loudly is the point.
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
