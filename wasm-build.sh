@@ -26,7 +26,8 @@ if ! rustup target list --installed | grep -qx "$target"; then
   rustup target add "$target" >&2
 fi
 
-cargo build --release --locked --target "$target" >&2
+# --lib: the command-line tool (src/bin) is native only.
+cargo build --release --locked --lib --target "$target" >&2
 raw="$PWD/target/$target/release/azure_openai_filter.wasm"
 
 # wasm-opt: from PATH, else binaryen from the npm registry into target/tools.

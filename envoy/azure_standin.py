@@ -7,15 +7,20 @@ resource-level Responses API (/openai/responses) and the v1 API
 (/openai/v1/{operation}, deployment in the body): the api-key check, the
 api-version requirement (and the Responses API's minimum), unknown
 deployments (404 DeploymentNotFound), Azure's response shapes
-(content-filter results, versioned model names, rate-limit headers), SSE
-streams whose first chunk carries only prompt_filter_results, multipart
-audio and image uploads, and binary speech. Standard library only.
+(content-filter results, versioned model names, rate-limit headers), chat
+SSE streams whose first chunk carries only prompt_filter_results and whose
+first choice chunk carries the assistant role, Responses API streams
+(response.created ... response.completed with usage), stored responses and
+their input items, embeddings as floats or base64, multipart audio and image
+uploads (with or without content-length), and binary speech. Standard
+library only.
 
     python3 envoy/azure_standin.py --port 10001 --key "$AZURE_DEMO_KEY" \\
         --deployment gpt4o-demo --deployment embed-demo
 """
 
 import argparse
+import base64
 import hashlib
 import json
 import re
@@ -33,7 +38,7 @@ OPERATIONS = ("chat/completions", "completions", "embeddings", "images/generatio
               "images/edits", "audio/transcriptions", "audio/translations", "audio/speech",
               "responses")
 DEPLOYMENT_PATH = re.compile(r"^/openai/deployments/([^/]+)/(.+)$")
-STORED_RESPONSE = re.compile(r"^/openai(?:/v1)?/responses/([A-Za-z0-9_-]+)$")
+STORED_RESPONSE = re.compile(r"^/openai(?:/v1)?/responses/([A-Za-z0-9_-]+)(/input_items|/cancel)?$")
 FILTER_OK = {name: {"filtered": False, "severity": "safe"}
              for name in ("hate", "self_harm", "sexual", "violence")}
 RESPONSES_MIN_API_VERSION = "2025-03-01-preview"
@@ -67,8 +72,11 @@ class Handler(BaseHTTPRequestHandler):
         self.handle_request()
 
     def handle_request(self):
-        length = int(self.headers.get("content-length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
+            raw = read_chunked(self.rfile)  # uploads streamed without content-length
+        else:
+            length = int(self.headers.get("content-length") or 0)
+            raw = self.rfile.read(length) if length else b""
         try:
             self.route(raw)
         except Refusal as refusal:
@@ -83,7 +91,7 @@ class Handler(BaseHTTPRequestHandler):
         query = parse_qs(url.query)
         stored = STORED_RESPONSE.match(url.path)
         if stored:
-            return self.stored_response(stored.group(1))
+            return self.stored_response(stored.group(1), stored.group(2) or "")
         if self.command != "POST":
             raise not_found()
         match = DEPLOYMENT_PATH.match(url.path)
@@ -139,19 +147,39 @@ class Handler(BaseHTTPRequestHandler):
         if operation == "responses":
             response = response_object(deployment, body)
             with self.server.lock:
-                self.server.responses[response["id"]] = response
+                self.server.responses[response["id"]] = (response, input_items(body))
+            if body.get("stream"):
+                return self.send_response_stream(response)
             return self.send_json(200, response)
         if body.get("stream"):
             return self.send_stream(deployment, operation, body)
         return self.send_json(200, completion(deployment, operation, body))
 
-    def stored_response(self, rid):
+    def stored_response(self, rid, tail):
         with self.server.lock:
-            response = self.server.responses.get(rid)
-            if response and self.command == "DELETE":
+            stored = self.server.responses.get(rid)
+            if stored and self.command == "DELETE" and not tail:
                 del self.server.responses[rid]
-        if response is None:
+        if stored is None:
             raise Refusal(404, "NotFound", f"Response with id '{rid}' not found.")
+        response, items = stored
+        if tail == "/input_items":
+            if self.command != "GET":
+                raise not_found()
+            return self.send_json(200, {"object": "list", "data": items,
+                                        "first_id": items[0]["id"] if items else None,
+                                        "last_id": items[-1]["id"] if items else None,
+                                        "has_more": False})
+        if tail == "/cancel":
+            if self.command != "POST":
+                raise not_found()
+            # As on OpenAI and Azure: only a background response can be cancelled.
+            if not response.get("background"):
+                raise Refusal(400, "invalid_request_error",
+                              "Only responses created with background=true can be cancelled.")
+            with self.server.lock:
+                response["status"] = "cancelled"
+            return self.send_json(200, response)
         if self.command == "DELETE":
             return self.send_json(200, {"id": rid, "object": "response", "deleted": True})
         return self.send_json(200, response)
@@ -194,6 +222,12 @@ class Handler(BaseHTTPRequestHandler):
                                                      "content_filter_results": FILTER_OK}]}))
         words = reply_text(body).split(" ")
         kind = "chat.completion.chunk" if operation == "chat/completions" else "text_completion"
+        if operation == "chat/completions":
+            # As on Azure and OpenAI: the first choice chunk names the role.
+            event(json.dumps({"id": ident, "object": kind, "created": created,
+                              "model": model_name(deployment), "choices": [
+                                  {"index": 0, "delta": {"role": "assistant", "content": ""},
+                                   "finish_reason": None, "content_filter_results": {}}]}))
         for i, word in enumerate(words):
             piece = word if i == 0 else " " + word
             if operation == "chat/completions":
@@ -214,6 +248,61 @@ class Handler(BaseHTTPRequestHandler):
         event("[DONE]")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+
+    def send_response_stream(self, response):
+        """The Responses API's SSE: typed events with sequence numbers, the
+        text in deltas, ending with response.completed carrying usage."""
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("cache-control", "no-cache")
+        self.send_header("transfer-encoding", "chunked")
+        self.common_headers()
+        self.end_headers()
+        sequence = 0
+
+        def event(kind, **payload):
+            nonlocal sequence
+            data = json.dumps({"type": kind, "sequence_number": sequence, **payload})
+            sequence += 1
+            chunk = f"event: {kind}\ndata: {data}\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.flush()
+
+        message = response["output"][0]
+        text = message["content"][0]["text"]
+        pending = dict(response, status="in_progress", output=[], usage=None)
+        event("response.created", response=pending)
+        event("response.in_progress", response=pending)
+        item = dict(message, status="in_progress", content=[])
+        event("response.output_item.added", output_index=0, item=item)
+        part = {"type": "output_text", "annotations": [], "text": ""}
+        event("response.content_part.added", item_id=message["id"], output_index=0,
+              content_index=0, part=part)
+        for i, word in enumerate(text.split(" ")):
+            event("response.output_text.delta", item_id=message["id"], output_index=0,
+                  content_index=0, delta=word if i == 0 else " " + word)
+            time.sleep(self.server.chunk_delay)
+        event("response.output_text.done", item_id=message["id"], output_index=0,
+              content_index=0, text=text)
+        event("response.content_part.done", item_id=message["id"], output_index=0,
+              content_index=0, part=dict(part, text=text))
+        event("response.output_item.done", output_index=0, item=message)
+        event("response.completed", response=response)
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+def read_chunked(stream):
+    body = b""
+    while True:
+        size = int(stream.readline().split(b";")[0], 16)
+        if size == 0:
+            while stream.readline() not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            return body
+        body += stream.read(size)
+        stream.readline()
 
 
 # A 1x1 transparent PNG.
@@ -277,11 +366,27 @@ def completion(deployment, operation, body):
                          "content_filter_results": FILTER_OK}], **common}
 
 
+def input_items(body):
+    """The stored input of a response, as input_items lists it."""
+    given = body.get("input")
+    messages = [{"role": "user", "content": given}] if isinstance(given, str) else (given or [])
+    items = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            content = [{"type": "input_text", "text": content}]
+        items.append({"type": "message", "id": "msg_" + uuid.uuid4().hex[:16], "status": "completed",
+                      "role": message.get("role", "user"), "content": content})
+    return items
+
+
 def response_object(deployment, body):
     text = body.get("input")
     text = text if isinstance(text, str) else json.dumps(text)
-    return {"id": "resp_" + uuid.uuid4().hex, "object": "response",
-            "created_at": int(time.time()), "status": "completed", "model": model_name(deployment),
+    background = bool(body.get("background"))
+    return {"id": "resp_" + uuid.uuid4().hex, "object": "response", "background": background,
+            "created_at": int(time.time()), "status": "queued" if background else "completed",
+            "model": model_name(deployment),
             "output": [{"type": "message", "id": "msg_" + uuid.uuid4().hex[:16],
                         "status": "completed", "role": "assistant",
                         "content": [{"type": "output_text", "annotations": [],
@@ -296,8 +401,12 @@ def embeddings(body):
     data = []
     for i, item in enumerate(inputs):
         digest = hashlib.sha256(json.dumps(item).encode()).digest()
-        data.append({"object": "embedding", "index": i,
-                     "embedding": [round(b / 255 - 0.5, 4) for b in digest[:16]]})
+        vector = [round(b / 255 - 0.5, 4) for b in digest[:16]]
+        if body.get("encoding_format") == "base64":
+            # Little-endian float32, as Azure and OpenAI send it (and as the
+            # OpenAI SDKs ask for by default).
+            vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": vector})
     return {"object": "list", "data": data, "model": "text-embedding-3-small",
             "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}}
 
@@ -314,7 +423,12 @@ def main():
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
 
-    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    try:
+        server = ThreadingHTTPServer((args.host, args.port), Handler)
+    except OSError as error:
+        print(f"azure-standin: cannot listen on {args.host}:{args.port}: {error.strerror}",
+              file=sys.stderr)
+        sys.exit(1)
     server.daemon_threads = True
     server.key = args.key
     server.deployments = set(args.deployment)

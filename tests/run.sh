@@ -11,15 +11,19 @@ cargo test --locked
 echo "== release module"
 ./wasm-build.sh
 
-# Go's encoding/json and mime/multipart are one of the differential test's
-# upstream parsers (Debian's golang-go); without Go that test warns and
-# runs the others.
-if ! command -v go >/dev/null && command -v apt-get >/dev/null; then
-  echo "== installing golang-go (Debian) for the differential test" >&2
-  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
-  $sudo apt-get install -y -q golang-go >&2 \
-    || { $sudo apt-get update -q >&2 && $sudo apt-get install -y -q golang-go >&2; } \
-    || echo "could not install golang-go; the differential test runs without Go" >&2
+# Debian packages the tests use, installed when missing: skopeo and the OCI
+# image-spec schemas (the OCI image test), and Go, whose encoding/json and
+# mime/multipart are among the differential test's upstream parsers.
+missing=()
+command -v skopeo >/dev/null || missing+=(skopeo)
+[ -d /usr/share/gocode/src/github.com/opencontainers/image-spec/schema ] ||
+  missing+=(golang-github-opencontainers-image-spec-dev)
+command -v go >/dev/null || missing+=(golang-go)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing ${missing[*]} (Debian packages)"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get install -y -q "${missing[@]}" >&2 ||
+    { $sudo apt-get update -q >&2 && $sudo apt-get install -y -q "${missing[@]}" >&2; }
 fi
 
 echo "== integration tests (real Envoy)"

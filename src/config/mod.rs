@@ -11,6 +11,9 @@ mod upstream;
 use std::collections::BTreeMap;
 use std::fmt;
 
+/// The operations an upstream serves (`Upstream::operation_path`), for the
+/// command-line tool, which sees only this module.
+pub use crate::routes::Operation;
 pub use api_version::{DEFAULT_API_VERSION, DEFAULT_PREVIEW_API_VERSION};
 pub use credential::Credential;
 pub use endpoint::{parse_endpoint, Endpoint};

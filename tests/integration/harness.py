@@ -81,11 +81,26 @@ class QuietServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class TlsServer(QuietServer):
+    """QuietServer speaking TLS with `context`; the handshake happens in the
+    handler thread, on first read."""
+
+    def __init__(self, address, handler, context):
+        self.context = context
+        super().__init__(address, handler)
+
+    def get_request(self):
+        sock, address = self.socket.accept()
+        return self.context.wrap_socket(sock, server_side=True,
+                                        do_handshake_on_connect=False), address
+
+
 class RecordingUpstream:
     """An HTTP/1.1 server that records every request and answers with
-    `self.responder(request) -> Reply` (Azure-shaped chat JSON by default)."""
+    `self.responder(request) -> Reply` (Azure-shaped chat JSON by default).
+    With `ssl_context` it serves HTTPS."""
 
-    def __init__(self, name="upstream", port=0):
+    def __init__(self, name="upstream", port=0, ssl_context=None):
         self.name = name
         self.received = []
         self.responder = azure_chat_reply
@@ -142,7 +157,10 @@ class RecordingUpstream:
 
             do_GET = do_POST = do_PUT = do_DELETE = handle_one
 
-        self.server = QuietServer(("127.0.0.1", port), Handler)
+        if ssl_context is None:
+            self.server = QuietServer(("127.0.0.1", port), Handler)
+        else:
+            self.server = TlsServer(("127.0.0.1", port), Handler, ssl_context)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -2,8 +2,13 @@
 field; every example under envoy/ loads into a real Envoy."""
 
 import json
+import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
@@ -202,11 +207,19 @@ def test_demo_gateway_works_with_the_openai_sdk(envoy_factory, tmp_path, demo_st
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.endswith("You said: Hi")
     assert chunks[-1].usage.total_tokens > 0
+    # As on Azure: a first chunk with only prompt_filter_results, then the role.
+    assert chunks[0].choices == []
+    first = next(c for c in chunks if c.choices)
+    assert first.choices[0].delta.role == "assistant"
 
     legacy = ops.completions.create(model="gpt-4o", prompt="Say ok")
     assert legacy.choices[0].text.endswith("You said: Say ok")
+    # The SDK asks for base64 by default and decodes it; floats when asked.
     embedding = ops.embeddings.create(model="text-embedding-3-small", input="x")
+    floats = ops.embeddings.create(model="text-embedding-3-small", input="x",
+                                   encoding_format="float")
     assert len(embedding.data[0].embedding) == 16
+    assert embedding.data[0].embedding == pytest.approx(floats.data[0].embedding, abs=1e-6)
     image = ops.images.generate(model="dall-e-3", prompt="a lighthouse")
     assert image.data[0].b64_json
     edit = ops.images.edit(model="gpt-image-1", prompt="add a hat",
@@ -215,6 +228,11 @@ def test_demo_gateway_works_with_the_openai_sdk(envoy_factory, tmp_path, demo_st
     transcript = ops.audio.transcriptions.create(model="whisper-1",
                                                  file=("a.mp3", bytes(range(256)) * 40, "audio/mpeg"))
     assert transcript.text == "Stand-in transcript of 10240 bytes of audio."
+    # The README's example, with the sample that ships.
+    with open(ROOT / "envoy" / "speech.wav", "rb") as sample:
+        transcript = ops.audio.transcriptions.create(model="whisper-1", file=sample)
+    size = (ROOT / "envoy" / "speech.wav").stat().st_size
+    assert transcript.text == f"Stand-in transcript of {size} bytes of audio."
     translation = ops.audio.translations.create(model="whisper-1",
                                                 file=("a.mp3", bytes(300), "audio/mpeg"))
     assert "300 bytes" in translation.text
@@ -223,6 +241,19 @@ def test_demo_gateway_works_with_the_openai_sdk(envoy_factory, tmp_path, demo_st
     response = ops.responses.create(model="gpt-4o", input="Hello")
     assert response.output_text.endswith("You said: Hello")
     assert ops.responses.retrieve(response.id).id == response.id
+    items = ops.responses.input_items.list(response.id)
+    assert items.data[0].content[0].text == "Hello"
+    with pytest.raises(openai.BadRequestError):
+        ops.responses.cancel(response.id)  # only background responses can be
+    background = ops.responses.create(model="gpt-4o", input="Later", background=True)
+    assert ops.responses.cancel(background.id).status == "cancelled"
+    events = list(ops.responses.create(model="gpt-4o", input="Stream it", stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed", kinds
+    streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert streamed.endswith("You said: Stream it")
+    assert events[-1].response.usage.total_tokens > 0
+    assert events[-1].response.output_text == streamed
     ops.responses.delete(response.id)
     with pytest.raises(openai.NotFoundError):
         ops.responses.retrieve(response.id)
@@ -234,6 +265,17 @@ def test_demo_gateway_works_with_the_openai_sdk(envoy_factory, tmp_path, demo_st
                                api_version="2024-06-01", max_retries=0)
     reply = azure.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "az"}])
     assert reply.choices[0].message.content.endswith("You said: az")
+
+    # A multipart upload streamed without content-length (chunked).
+    boundary = "demo-boundary"
+    parts = [f'--{boundary}\r\ncontent-disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'.encode(),
+             f'--{boundary}\r\ncontent-disposition: form-data; name="file"; filename="a.wav"\r\n'
+             f'content-type: audio/wav\r\n\r\n'.encode(), bytes(5000), f"\r\n--{boundary}--\r\n".encode()]
+    reply = httpx.post(envoy.url + "/v1/audio/transcriptions", content=iter(parts), timeout=10,
+                       headers={"authorization": "Bearer sk-demo-ops",
+                                "content-type": f"multipart/form-data; boundary={boundary}"})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["text"] == "Stand-in transcript of 5000 bytes of audio."
 
     with pytest.raises(openai.NotFoundError):
         team_a.embeddings.create(model="text-embedding-3-small", input="x")
@@ -254,3 +296,70 @@ def test_readme_commands_are_the_real_ones():
     assert "http://127.0.0.1:10000/v1/chat/completions" in readme
     ci = (ROOT / ".ci" / "run").read_text()
     assert "tests/run.sh" in ci
+
+
+def test_the_audio_sample_is_what_its_script_writes(tmp_path):
+    out = tmp_path / "speech.wav"
+    subprocess.run([sys.executable, str(ROOT / "envoy" / "make_speech_wav.py"), str(out)],
+                   check=True, capture_output=True)
+    shipped = (ROOT / "envoy" / "speech.wav").read_bytes()
+    assert out.read_bytes() == shipped
+    assert shipped[:4] == b"RIFF" and len(shipped) < 20_000
+
+
+def run_demo(env, timeout=180):
+    """envoy/demo.sh in its own process group; returns (process, ready line
+    or None, output so far). Reads its output until it says it is ready or exits."""
+    process = subprocess.Popen([str(ROOT / "envoy" / "demo.sh")], cwd=ROOT, text=True,
+                               env={**os.environ, **env}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break  # exited
+        lines.append(line)
+        if "ready on" in line:
+            return process, line, "".join(lines)
+    return process, None, "".join(lines)
+
+
+def stop_demo(process):
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+def test_demo_script_uses_the_ports_given_and_says_ready_when_it_is():
+    process, ready, out = run_demo({"GATEWAY_PORT": "0", "STANDIN_PORT": "0", "ADMIN_PORT": "0"})
+    try:
+        assert ready, out + process.stderr.read() if process.poll() is not None else out
+        url = re.search(r"ready on (http://127\.0\.0\.1:\d+)", ready).group(1)
+        standin = int(re.search(r"stand-in on 127\.0\.0\.1:(\d+)", ready).group(1))
+        assert url != "http://127.0.0.1:10000" and standin != 10001
+        # Ready means ready: the first request after the message succeeds.
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sk-demo-team-a", max_retries=0)
+        reply = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+        assert reply.choices[0].message.content.endswith("You said: Hi")
+    finally:
+        stop_demo(process)
+    # Stopping it stops the stand-in too.
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", standin)) != 0
+
+
+def test_demo_script_refuses_to_start_when_the_stand_in_cannot_bind():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process, ready, out = run_demo({"GATEWAY_PORT": "0", "STANDIN_PORT": str(port), "ADMIN_PORT": "0"})
+        try:
+            assert ready is None, out
+            assert process.wait(timeout=30) == 1
+            err = process.stderr.read()
+            assert f"cannot listen on 127.0.0.1:{port}" in err, err
+            assert "STANDIN_PORT" in err, err
+        finally:
+            stop_demo(process)

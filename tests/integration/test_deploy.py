@@ -1,0 +1,224 @@
+"""The manifests under deploy/: the Envoy configuration each one carries,
+put where Istio or Envoy Gateway would put it (tests/integration/mesh.py),
+loaded into a real Envoy 1.40 and sent requests through the filter to an
+Azure stand-in over TLS with SNI and certificate checks."""
+
+import json
+import ssl
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+import yaml
+from harness import ENVOY, ROOT, WASM, Envoy, RecordingUpstream, assert_openai_error, sha256_hex
+
+import mesh
+
+# The stats tags every manifest (and the dashboard) uses; the metric names
+# of the usage issue encode labels as `<name>_caller=.=<v>;.;model=.=<v>;.;...`.
+LABELS = ["caller", "model", "upstream", "deployment", "operation", "status", "type"]
+STATS_TAGS = [{"tag_name": "caller", "regex": r"(_caller=\.=(.*?);\.;)"}] + [
+    {"tag_name": label, "regex": rf"(_?{label}=\.=(.*?);\.;)"} for label in LABELS[1:]]
+
+TEAM_A_KEY = "replace-me-team-a-key"  # its SHA-256 is in the manifests
+AZURE_HOSTS = ["acme-west.openai.azure.com", "acme-east.openai.azure.com"]
+
+
+@pytest.fixture(scope="module")
+def azure(tmp_path_factory):
+    """An HTTPS stand-in for both Azure resources: a certificate for their
+    names from a test CA, and a record of the SNI each connection sent."""
+    d = tmp_path_factory.mktemp("tls")
+    san = ",".join(f"DNS:{h}" for h in AZURE_HOSTS)
+    run = lambda *args: subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", "/CN=azure-openai-filter test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "leaf.key", "-out", "leaf.csr",
+        "-subj", "/CN=openai.azure.com")
+    (d / "san.ext").write_text(f"subjectAltName={san}\n")
+    run("x509", "-req", "-in", "leaf.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "leaf.crt", "-days", "2", "-extfile", "san.ext")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(d / "leaf.crt", d / "leaf.key")
+    snis = []
+    lock = threading.Lock()
+
+    def record(sock, name, ctx):
+        with lock:
+            snis.append(name)
+    context.sni_callback = record
+    upstream = RecordingUpstream("azure", ssl_context=context)
+    upstream.snis = snis
+    upstream.ca = d / "ca.crt"
+    yield upstream
+    upstream.stop()
+
+
+def build(kind, tmp_path, passthrough_port=1):
+    if kind == "istio-gateway":
+        return mesh.istio_gateway(WASM, tmp_path)
+    if kind == "istio-sidecar":
+        return mesh.istio_sidecar(WASM, tmp_path, passthrough_port)
+    return mesh.envoy_gateway(WASM)
+
+
+KINDS = ["istio-gateway", "istio-sidecar", "envoy-gateway"]
+HOSTS = {"istio-gateway": "azure-openai-gateway.azure-openai:8080",
+         "istio-sidecar": "azure-openai",
+         "envoy-gateway": "openai.example.com"}
+
+
+def azure_clusters(bootstrap):
+    clusters = [c for c in bootstrap["static_resources"]["clusters"] if c["name"].startswith("azure_")]
+    assert sorted(c["name"] for c in clusters) == ["azure_east", "azure_west"]
+    return clusters
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_manifest_passes_envoy_validate(kind, tmp_path):
+    """As shipped (real Azure names, the system CA bundle), plus the
+    bootstrap additions, through `envoy --mode validate`."""
+    bootstrap, args, env = build(kind, tmp_path)
+    for cluster in azure_clusters(bootstrap):
+        tls = cluster["transport_socket"]["typed_config"]
+        host = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"]
+        assert tls["sni"] == host
+        assert tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"] == [
+            {"san_type": "DNS", "matcher": {"exact": host}}]
+    path = tmp_path / "bootstrap.json"
+    path.write_text(json.dumps(bootstrap))
+    result = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path), "--disable-hot-restart",
+                             *args], env={"PATH": "/usr/bin:/bin", **env}, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+
+def start(kind, tmp_path, azure, passthrough=None):
+    bootstrap, args, env = build(kind, tmp_path, passthrough.port if passthrough else 1)
+    for cluster in azure_clusters(bootstrap):
+        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+        address.update(address="127.0.0.1", port_value=azure.port)
+        validation = cluster["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]
+        validation["trusted_ca"] = {"filename": str(azure.ca)}
+    envoy = Envoy(bootstrap, env=env)
+    envoy.args += args
+    return envoy.start(), env
+
+
+@pytest.fixture
+def passthrough():
+    upstream = RecordingUpstream("passthrough")
+    yield upstream
+    upstream.stop()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_manifest_serves_through_the_filter(kind, tmp_path, azure, passthrough):
+    envoy, env = start(kind, tmp_path, azure, passthrough)
+    try:
+        host = HOSTS[kind]
+        key = {"authorization": f"Bearer {TEAM_A_KEY}", "host": host}
+        azure.reset()
+        azure.snis.clear()
+
+        reply = httpx.post(envoy.url + "/v1/chat/completions", headers=key, timeout=10,
+                           json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status_code == 200, (reply.headers, reply.text, azure.received, envoy.log()[-4000:])
+        west = azure.only()
+        assert west.path == "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"
+        # The key comes from the manifest's Secret, through the pod's environment.
+        assert west.header("api-key") == env["AZURE_WEST_KEY"]
+        assert west.header("authorization") is None
+        assert west.header("x-azure-openai-cluster") is None
+        assert west.header("host") == "acme-west.openai.azure.com"
+        assert azure.snis[-1] == "acme-west.openai.azure.com"
+
+        azure.reset()
+        reply = httpx.post(envoy.url + "/v1/chat/completions", headers=key, timeout=10,
+                           json={"model": "gpt-4o-mini", "messages": []})
+        assert reply.status_code == 200, reply.text
+        east = azure.only()
+        assert east.path == "/openai/v1/chat/completions"
+        assert json.loads(east.body)["model"] == "gpt4o-mini-prod"
+        assert east.header("api-key") == env["AZURE_EAST_KEY"]
+        assert azure.snis[-1] == "acme-east.openai.azure.com"
+
+        # Rejections are the filter's own, and nothing is forwarded.
+        azure.reset()
+        reply = httpx.post(envoy.url + "/v1/chat/completions", headers={"host": host}, timeout=10,
+                           json={"model": "gpt-4o"})
+        assert_openai_error(reply, 401, "missing_api_key")
+        reply = httpx.post(envoy.url + "/v1/embeddings", headers=key, timeout=10,
+                           json={"model": "text-embedding-3-small", "input": "x"})
+        assert_openai_error(reply, 404, "model_not_found")
+        assert azure.received == []
+
+        # A body far above Envoy's default 1 MiB connection buffer: the
+        # route's request_body_buffer_limit lets the filter hold it.
+        big = json.dumps({"model": "gpt-4o", "input": "x" * 3_000_000})
+        reply = httpx.post(envoy.url + "/v1/embeddings", content=big, timeout=30,
+                           headers={**key, "content-type": "application/json"})
+        assert reply.status_code == 200, reply.text[:300]
+        assert len(azure.only().body) == len(big)
+
+        if kind == "istio-gateway":
+            # Other hosts on the gateway never meet the filter: Istio's 404.
+            reply = httpx.post(envoy.url + "/v1/chat/completions", timeout=10,
+                               headers={"host": "other.example.com", "authorization": "Bearer x"},
+                               json={"model": "gpt-4o"})
+            assert reply.status_code == 404
+            assert reply.headers.get("content-type") != "application/json"
+        if kind == "istio-sidecar":
+            # The pod's other outbound HTTP passes untouched, its credentials too.
+            reply = httpx.post(envoy.url + "/anything", timeout=10,
+                               headers={"host": "api.example.com", "authorization": "Bearer mine"},
+                               content=b"{}")
+            assert reply.status_code == 200
+            assert passthrough.only().header("authorization") == "Bearer mine"
+            assert passthrough.only().path == "/anything"
+    finally:
+        envoy.cleanup()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stats_tags_reach_the_bootstrap(kind, tmp_path, azure):
+    """The manifests' stats tags, merged as Istio (--config-yaml from the
+    bootstrapOverride ConfigMap) and Envoy Gateway (EnvoyProxy bootstrap
+    Merge) merge them, are in the running Envoy's bootstrap."""
+    envoy, _ = start(kind, tmp_path, azure)
+    try:
+        dump = httpx.get(envoy.admin + "/config_dump?mask=bootstrap", timeout=5).json()
+        stats = dump["configs"][0]["bootstrap"]["stats_config"]
+        tags = [t for t in stats["stats_tags"] if t["tag_name"] in LABELS]
+        assert tags == STATS_TAGS
+        if kind.startswith("istio"):
+            patterns = stats["stats_matcher"]["inclusion_list"]["patterns"]
+            assert {"prefix": "wasmcustom.azure_openai"} in patterns
+    finally:
+        envoy.cleanup()
+
+
+def test_every_manifest_carries_the_same_stats_tags():
+    texts = {p: p.read_text() for p in (ROOT / "deploy").rglob("*.yaml")}
+    carriers = 0
+    for path, text in texts.items():
+        for doc in yaml.safe_load_all(text):
+            if not doc:
+                continue
+            if doc["kind"] == "ConfigMap" and "custom_bootstrap.json" in doc.get("data", {}):
+                tags = json.loads(doc["data"]["custom_bootstrap.json"])["stats_config"]["stats_tags"]
+            elif doc["kind"] == "EnvoyProxy":
+                tags = yaml.safe_load(doc["spec"]["bootstrap"]["value"])["stats_config"]["stats_tags"]
+            else:
+                continue
+            assert tags == STATS_TAGS, path
+            carriers += 1
+    assert carriers == 3
+
+
+def test_the_documented_caller_key_matches_the_manifests():
+    for name in ["istio/ingress-gateway.yaml", "istio/sidecar.yaml", "envoy-gateway/azure-openai.yaml"]:
+        assert sha256_hex(TEAM_A_KEY) in (ROOT / "deploy" / name).read_text(), name
