@@ -23,14 +23,11 @@ pub struct BodyWatch {
 }
 
 impl BodyWatch {
-    /// A request is held for its body. True when this is the first request
-    /// to watch (the root's tick must then run to check on it).
-    pub fn hold(&mut self, context_id: u32, now_ms: u64) -> bool {
-        if self.confirmed {
-            return false;
+    /// A request is held for its body.
+    pub fn hold(&mut self, context_id: u32, now_ms: u64) {
+        if !self.confirmed {
+            self.waiting.push((context_id, now_ms));
         }
-        self.waiting.push((context_id, now_ms));
-        self.waiting.len() == 1
     }
 
     /// Part of a held request's body arrived: the flag is set.
@@ -46,7 +43,7 @@ impl BodyWatch {
         self.waiting.retain(|(id, _)| *id != context_id);
     }
 
-    /// Whether the root's tick is needed to watch.
+    #[cfg(test)]
     pub fn is_watching(&self) -> bool {
         !self.waiting.is_empty()
     }
@@ -78,8 +75,8 @@ mod tests {
     #[test]
     fn held_requests_without_a_body_are_overdue_after_the_wait() {
         let mut watch = BodyWatch::default();
-        assert!(watch.hold(7, 1_000));
-        assert!(!watch.hold(8, 2_000));
+        watch.hold(7, 1_000);
+        watch.hold(8, 2_000);
         assert!(watch.is_watching());
         assert_eq!(watch.overdue(1_000 + OVERDUE_MS - 1), Vec::<u32>::new());
         assert_eq!(watch.overdue(1_000 + OVERDUE_MS), vec![7]);
@@ -98,7 +95,8 @@ mod tests {
         assert!(!watch.is_watching());
         assert!(watch.overdue(10 * OVERDUE_MS).is_empty());
         // Later requests are not watched at all.
-        assert!(!watch.hold(3, 0));
+        watch.hold(3, 0);
+        assert!(!watch.is_watching());
         assert!(watch.overdue(10 * OVERDUE_MS).is_empty());
     }
 

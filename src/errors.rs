@@ -258,20 +258,20 @@ impl ApiError {
         .with_param("model")
     }
 
-    /// A top-level key that is `model` but for case: case-insensitive
-    /// parsers (Go's encoding/json) would read it as the model.
-    pub fn model_look_alike(key: &str) -> Self {
+    /// A top-level key that is one the gateway reads but for case:
+    /// case-insensitive parsers (Go's encoding/json) would read it as that.
+    pub fn key_look_alike(key: &str, of: &'static str) -> Self {
         Self::new(
             400,
             INVALID_REQUEST,
             "invalid_json",
             format!(
-                "The request body has a top-level key `{}` that differs from 'model' only in \
-                 case; send the model once, as 'model'.",
+                "The request body has a top-level key `{}` that differs from '{of}' only in \
+                 case; send it once, as '{of}'.",
                 echo(key)
             ),
         )
-        .with_param("model")
+        .with_param(of)
     }
 
     /// No access token for a token upstream could be had in time. `reason`

@@ -24,9 +24,12 @@ use crate::errors::ApiError;
 use crate::gateway::{self, BodyReader, Forward, HeaderEdit, Pending, Plan, RequestHead};
 use crate::headers::{self, Header};
 use crate::host_api::{log, Flow, Host, Level, Stream};
+use crate::metrics::RequestRecord;
+use crate::routes::Operation;
 use crate::token::Lookup;
 use crate::upstream_errors::{self, Encoding, MAX_TRANSLATED_ERROR_BYTES};
-use crate::worker::{apply_edits, send_error, send_reply, Worker, WATCH_TICK_MS};
+use crate::usage::{Shape, Usage, UsageReader};
+use crate::worker::{apply_edits, send_error, send_reply, Worker};
 
 enum State {
     /// Headers not seen yet.
@@ -62,6 +65,26 @@ pub struct Exchange {
     state: State,
     translation: Option<Translation>,
     held_error: Option<HeldError>,
+    /// What the metrics and the access log say of the request.
+    account: Account,
+}
+
+/// Who asked for what, and what came of it.
+#[derive(Debug, Default)]
+struct Account {
+    caller: Option<usize>,
+    model: Option<usize>,
+    op: Option<Operation>,
+    /// The filter asked for the stream's usage: strip what that added.
+    strip_usage: bool,
+    started_ms: u64,
+    first_byte_ms: Option<u64>,
+    ended_ms: Option<u64>,
+    /// The status the caller got (0: none yet).
+    status: u16,
+    reader: Option<UsageReader>,
+    usage: Option<Usage>,
+    recorded: bool,
 }
 
 impl Exchange {
@@ -72,6 +95,7 @@ impl Exchange {
             state: State::New,
             translation: None,
             held_error: None,
+            account: Account::default(),
         }
     }
 
@@ -153,12 +177,17 @@ impl Exchange {
 
     pub fn on_response_headers(
         &mut self,
-        _host: &mut dyn Host,
+        host: &mut dyn Host,
         stream: &mut dyn Stream,
         end_of_stream: bool,
     ) -> Flow {
-        if self.translation.is_none() || end_of_stream {
-            return Flow::Continue;
+        if matches!(self.state, State::Answered | State::New) {
+            return Flow::Continue; // the filter's own answer, already counted
+        }
+        let now = host.now_ms();
+        self.account.first_byte_ms = Some(now);
+        if end_of_stream {
+            self.account.ended_ms = Some(now);
         }
         let Ok(encoded) = stream.response_headers() else {
             return Flow::Continue;
@@ -166,24 +195,93 @@ impl Exchange {
         let Some(response_headers) = headers::decode(&encoded) else {
             return Flow::Continue;
         };
-        let status = headers::first(&response_headers, ":status")
-            .and_then(|s| std::str::from_utf8(s).ok()?.parse::<u16>().ok())
+        let header = |name| headers::first(&response_headers, name);
+        let number = |name| {
+            header(name).and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok())
+        };
+        let status = number(":status")
+            .and_then(|s| u16::try_from(s).ok())
             .unwrap_or(0);
-        let json = headers::first(&response_headers, "content-type")
-            .is_some_and(|t| t.starts_with(b"application/json"));
-        if !upstream_errors::may_translate(status) || !json {
+        self.account.status = status;
+        if let (Some(worker), Some(model)) = (&self.worker, self.account.model) {
+            let requests = number("x-ratelimit-remaining-requests");
+            let tokens = number("x-ratelimit-remaining-tokens");
+            if requests.is_some() || tokens.is_some() {
+                if let Ok(mut metrics) = worker.metrics.try_borrow_mut() {
+                    metrics.remaining(model, requests, tokens);
+                }
+            }
+        }
+        if end_of_stream {
+            return Flow::Continue;
+        }
+        let content_type = header("content-type").unwrap_or_default();
+        let encoding = Encoding::of(header("content-encoding"));
+        let json = content_type.starts_with(b"application/json");
+        let sse = content_type.starts_with(b"text/event-stream");
+        // Usage is read from plain answers to model operations.
+        if let Some(op) = self.account.op.filter(|_| encoding == Encoding::Identity) {
+            let shape = match (json, sse, op) {
+                (true, _, _) => Some(Shape::Json),
+                (_, true, Operation::Responses) => Some(Shape::ResponsesStream),
+                (_, true, _) => Some(Shape::ChatStream),
+                _ => None,
+            };
+            self.account.reader = shape.map(|shape| {
+                UsageReader::new(
+                    shape,
+                    self.account.strip_usage && shape == Shape::ChatStream,
+                )
+            });
+            if self.account.strip_usage && header("content-length").is_some() {
+                // The stream changes length: let Envoy frame it.
+                let _ = stream.remove_response_header("content-length");
+            }
+        }
+        if self.translation.is_none() || !upstream_errors::may_translate(status) || !json {
             return Flow::Continue;
         }
         // Hold the headers with the body: whether they change (length,
         // encoding) is known once the body has been read.
-        self.held_error = Some(HeldError {
-            status,
-            encoding: Encoding::of(headers::first(&response_headers, "content-encoding")),
-        });
+        self.held_error = Some(HeldError { status, encoding });
+        self.account.reader = None;
         Flow::Pause
     }
 
     pub fn on_response_body(
+        &mut self,
+        host: &mut dyn Host,
+        stream: &mut dyn Stream,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        if self.held_error.is_some() {
+            return self.held_error_body(host, stream, body_size, end_of_stream);
+        }
+        if let Some(reader) = &mut self.account.reader {
+            if body_size > 0 {
+                if let Ok(piece) = stream.response_body(0, body_size) {
+                    if let Some(replacement) = reader.feed(&piece, end_of_stream) {
+                        let _ = stream.replace_response_body(0, body_size, &replacement);
+                    }
+                }
+            } else if end_of_stream {
+                if let Some(rest) = reader.feed(&[], true) {
+                    let _ = stream.replace_response_body(0, 0, &rest);
+                }
+            }
+            if end_of_stream {
+                self.account.usage = reader.usage();
+            }
+        }
+        if end_of_stream {
+            self.account.ended_ms = Some(host.now_ms());
+        }
+        Flow::Continue
+    }
+
+    /// An Azure error answer, held whole to be translated.
+    fn held_error_body(
         &mut self,
         host: &mut dyn Host,
         stream: &mut dyn Stream,
@@ -200,6 +298,7 @@ impl Exchange {
         if !end_of_stream {
             return Flow::Pause;
         }
+        self.account.ended_ms = Some(host.now_ms());
         let (Some(translation), Ok(body)) = (&self.translation, stream.response_body(0, body_size))
         else {
             self.held_error = None;
@@ -237,9 +336,10 @@ impl Exchange {
     /// nothing behind. If the worker is busy right now, it skips gone
     /// requests by itself.
     pub fn on_done(&mut self, host: &mut dyn Host) {
-        let Some(worker) = &self.worker else {
+        let Some(worker) = self.worker.clone() else {
             return;
         };
+        self.record(host, &worker);
         match self.state {
             State::WaitingForToken => {
                 if let Some(Ok(mut tokens)) = worker.tokens.as_ref().map(|t| t.try_borrow_mut()) {
@@ -252,6 +352,29 @@ impl Exchange {
         self.state = State::Answered;
     }
 
+    /// Counts the request in the VM's metrics (once).
+    fn record(&mut self, host: &mut dyn Host, worker: &Worker) {
+        let account = &mut self.account;
+        if std::mem::replace(&mut account.recorded, true) {
+            return;
+        }
+        let ended = account.ended_ms.unwrap_or_else(|| host.now_ms());
+        let record = RequestRecord {
+            caller: account.caller,
+            model: account.model,
+            operation: account.op,
+            status: account.status,
+            usage: account.usage,
+            duration_ms: ended.saturating_sub(account.started_ms),
+            ttfb_ms: account
+                .first_byte_ms
+                .map(|at| at.saturating_sub(account.started_ms)),
+        };
+        if let Ok(mut metrics) = worker.metrics.try_borrow_mut() {
+            metrics.record(&record);
+        }
+    }
+
     /// Header phase: admit the request, then answer, forward or wait for the body.
     fn headers(
         &mut self,
@@ -261,13 +384,16 @@ impl Exchange {
     ) -> Result<Flow, ApiError> {
         let worker = self.worker()?;
         let config = &worker.config;
+        self.account.started_ms = host.now_ms();
         let encoded = stream.request_headers().map_err(|_| unreadable_headers())?;
         let request_headers = headers::decode(&encoded).ok_or_else(unreadable_headers)?;
         let head = RequestHead::from_headers(&request_headers, !end_of_stream);
         let admitted = gateway::admit(config, &head)?;
+        self.account.caller = Some(admitted.caller);
         match gateway::plan(config, admitted)? {
             Plan::Answer(status, body) => {
                 self.state = State::Answered;
+                self.account.status = status;
                 send_reply(
                     host,
                     stream,
@@ -293,14 +419,10 @@ impl Exchange {
                 // Hold the headers; with allow_on_headers_stop_iteration the
                 // body still arrives, and the headers can change once it has.
                 self.state = State::AwaitingBody(pending, reader, encoded);
+                // The root's tick (at least once a second) checks on it.
                 let now = host.now_ms();
-                let first = worker
-                    .body_watch
-                    .try_borrow_mut()
-                    .is_ok_and(|mut watch| watch.hold(self.id, now));
-                // The root must tick to check on it (it does anyway with tokens).
-                if first && worker.tokens.is_none() {
-                    host.set_tick_period_ms(WATCH_TICK_MS);
+                if let Ok(mut watch) = worker.body_watch.try_borrow_mut() {
+                    watch.hold(self.id, now);
                 }
                 Ok(Flow::Pause)
             }
@@ -354,6 +476,12 @@ impl Exchange {
     ) -> Result<Flow, ApiError> {
         let config: &Config = &worker.config;
         self.state = State::Forwarded(None);
+        self.account.model = forward
+            .model
+            .and_then(|m| config.model(&m.alias))
+            .map(|(index, _)| index);
+        self.account.op = forward.op.filter(|_| forward.model.is_some());
+        self.account.strip_usage = forward.strip_usage;
         self.translation = forward
             .model
             .filter(|_| forward.upstream.is_azure())
@@ -435,6 +563,7 @@ impl Exchange {
     /// Answers with the OpenAI error JSON; nothing goes upstream.
     fn reject(&mut self, host: &mut dyn Host, stream: &mut dyn Stream, error: &ApiError) -> Flow {
         self.state = State::Answered;
+        self.account.status = error.status;
         self.translation = None;
         self.release_watch();
         log(
@@ -619,7 +748,7 @@ mod tests {
             exchange.on_request_headers(&mut host, &mut stream, false),
             Flow::Pause
         );
-        assert_eq!(host.tick_period_ms, WATCH_TICK_MS);
+        assert_eq!(host.tick_period_ms, crate::worker::METRICS_TICK_MS);
         world.advance(crate::body_watch::OVERDUE_MS);
         let chores = worker.on_tick(&mut host);
         assert!(matches!(chores.as_slice(), [Chore::BodyNeverDelivered(3)]));
@@ -634,7 +763,11 @@ mod tests {
             .contains("allow_on_headers_stop_iteration"));
         assert!(host.logged("Envoy does not deliver request bodies"));
         worker.schedule_tick(&mut host);
-        assert_eq!(host.tick_period_ms, 0, "nothing left to watch");
+        assert_eq!(
+            host.tick_period_ms,
+            crate::worker::METRICS_TICK_MS,
+            "nothing left to watch"
+        );
     }
 
     #[test]

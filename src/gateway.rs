@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::auth::{authenticate, presented_key};
 use crate::body::{
-    boundary, json_model_edit, model_field, multipart_model_edit, BodyEdit, BodySource, FormScanner,
+    boundary, json_edit, multipart_model_edit, read_request, BodyEdit, BodySource, FormScanner,
 };
 use crate::config::{Caller, Config, Model, Upstream, UpstreamAuth};
 use crate::errors::ApiError;
@@ -113,8 +113,13 @@ pub struct Forward<'c> {
     /// The alias asked for and its deployment (None for stored responses).
     pub model: Option<&'c Model>,
     /// The body's `model` rewritten to the deployment, when the upstream
-    /// reads it from there.
+    /// reads it from there (and `stream_options` the filter added).
     pub body_edit: Option<BodyEdit>,
+    /// The operation (None for stored responses): what its answer reports.
+    pub op: Option<Operation>,
+    /// The filter asked for the stream's usage, which the caller had not:
+    /// what that adds to the stream is taken out of it.
+    pub strip_usage: bool,
 }
 
 /// Header phase, after [`admit`].
@@ -136,7 +141,9 @@ pub fn plan(config: &Config, admitted: Admitted) -> Result<Plan<'_>, ApiError> {
         Inbound::Deployment { op, alias } => {
             let (index, model) = resolve(config, caller, &alias)?;
             let upstream = upstream_of(config, model)?;
-            if upstream.model_in_body(op) {
+            // The body is read where the model goes there, and where a
+            // stream may have to be asked for its usage.
+            if upstream.model_in_body(op) || upstream.takes_include_usage(op) {
                 return Ok(Plan::ReadBody(Pending {
                     caller: admitted.caller,
                     op,
@@ -149,6 +156,8 @@ pub fn plan(config: &Config, admitted: Admitted) -> Result<Plan<'_>, ApiError> {
                 caller: &caller.name,
                 model: Some(model),
                 body_edit: None,
+                op: Some(op),
+                strip_usage: false,
             }))
         }
         Inbound::StoredResponse { id, tail, query } => {
@@ -165,6 +174,8 @@ pub fn plan(config: &Config, admitted: Admitted) -> Result<Plan<'_>, ApiError> {
                 caller: &caller.name,
                 model: None,
                 body_edit: None,
+                op: None,
+                strip_usage: false,
             }))
         }
     }
@@ -220,23 +231,29 @@ pub fn read_body<'c>(
         .caller(pending.caller)
         .ok_or_else(|| ApiError::internal("unknown caller"))?;
     let from_path = pending.model.and_then(|i| config.models.get(i));
+    let mut strip_usage = false;
     let (model, body_edit) = match reader {
         BodyReader::Json => {
             if !complete {
                 return Ok(None);
             }
             let bytes = body.read(0, body.len())?;
-            let field = model_field(&bytes)?;
-            let alias = field.as_ref().and_then(|f| f.value.as_deref());
+            let request = read_request(&bytes)?;
+            let alias = request.model.as_ref().and_then(|f| f.value.as_deref());
             let model = match (from_path, alias) {
                 (Some(model), _) => model,
                 (None, Some(alias)) => resolve(config, caller, alias)?.1,
                 (None, None) => return Err(ApiError::missing_model()),
             };
             let upstream = upstream_of(config, model)?;
-            let edit = upstream
+            // A stream is asked for its usage, so that it is counted.
+            strip_usage = request.stream
+                && !request.asks_for_usage()
+                && upstream.takes_include_usage(pending.op);
+            let deployment = upstream
                 .model_in_body(pending.op)
-                .then(|| json_model_edit(&bytes, field.as_ref(), &model.deployment));
+                .then_some(model.deployment.as_str());
+            let edit = json_edit(&bytes, &request, deployment, strip_usage);
             (model, edit)
         }
         BodyReader::Form { boundary, scanner } => {
@@ -275,6 +292,8 @@ pub fn read_body<'c>(
         caller: &caller.name,
         model: Some(model),
         body_edit,
+        op: Some(pending.op),
+        strip_usage,
     }))
 }
 

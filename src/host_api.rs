@@ -95,6 +95,8 @@ pub trait Host {
     /// Defines a metric (once per VM per name) and returns its id.
     fn define_metric(&mut self, kind: MetricKind, name: &str) -> Result<u32, HostError>;
     fn add_to_metric(&mut self, id: u32, delta: i64);
+    /// Sets a gauge.
+    fn set_metric(&mut self, id: u32, value: u64);
 
     fn log_enabled(&self, level: Level) -> bool;
     /// A log line; never a key, a token or a body.

@@ -25,6 +25,7 @@ mod gateway;
 mod headers;
 mod host_api;
 mod json;
+mod metrics;
 mod routes;
 mod secret;
 mod stats;

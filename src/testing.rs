@@ -157,6 +157,13 @@ impl Host for FakeHost {
         }
     }
 
+    fn set_metric(&mut self, id: u32, value: u64) {
+        if let Some(name) = self.metric_names.get(id as usize) {
+            let value = i64::try_from(value).unwrap_or(i64::MAX);
+            self.world.stats.borrow_mut().insert(name.clone(), value);
+        }
+    }
+
     fn log_enabled(&self, _level: Level) -> bool {
         true
     }

@@ -15,16 +15,19 @@ use crate::config::Config;
 use crate::errors::ApiError;
 use crate::gateway::HeaderEdit;
 use crate::host_api::{log, CalloutResponse, Host, HostError, Level, Stream};
+use crate::metrics::Recorder;
 use crate::token::{Settlement, Tokens, MAX_TOKEN_RESPONSE_BYTES};
 
-/// The tick period while requests are held for a body not yet seen.
-pub const WATCH_TICK_MS: u32 = 500;
+/// The root ticks at least this often: to flush the metrics counted in the
+/// VM, and to answer requests whose body never came.
+pub const METRICS_TICK_MS: u32 = 1_000;
 
 pub struct Worker {
     pub config: Rc<Config>,
     /// Only when an upstream uses token credentials.
     pub tokens: Option<RefCell<Tokens>>,
     pub body_watch: RefCell<BodyWatch>,
+    pub metrics: RefCell<Recorder>,
     /// The missing-flag error has been logged (once per VM).
     reported_missing_flag: Cell<bool>,
 }
@@ -61,6 +64,7 @@ impl Worker {
             config,
             tokens,
             body_watch: RefCell::new(BodyWatch::default()),
+            metrics: RefCell::new(Recorder::default()),
             reported_missing_flag: Cell::new(false),
         };
         // The first tick fetches tokens before traffic needs them.
@@ -71,6 +75,9 @@ impl Worker {
     /// The root's tick: token work, and requests whose body never came.
     /// A busy borrow skips the work until the next tick.
     pub fn on_tick(&self, host: &mut dyn Host) -> Vec<Chore> {
+        if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
+            metrics.flush(host, &self.config);
+        }
         let mut chores = self.overdue_bodies(host);
         if let Some(tokens) = &self.tokens {
             if let Ok(mut tokens) = tokens.try_borrow_mut() {
@@ -114,25 +121,16 @@ impl Worker {
     }
 
     /// Sets the tick period every time: a request that starts waiting
-    /// shortens it to be served at once, and this puts it back (or stops
-    /// the tick when nothing needs it).
+    /// shortens it to be served at once, and this puts it back. The tick
+    /// always runs, at least to flush the metrics.
     pub fn schedule_tick(&self, host: &mut dyn Host) {
-        let tokens = match &self.tokens {
-            Some(tokens) => match tokens.try_borrow() {
-                Ok(tokens) => Some(tokens.tick_period_ms()),
+        let mut period = METRICS_TICK_MS;
+        if let Some(tokens) = &self.tokens {
+            match tokens.try_borrow() {
+                Ok(tokens) => period = period.min(tokens.tick_period_ms()),
                 Err(_) => return,
-            },
-            None => None,
-        };
-        let watching = self
-            .body_watch
-            .try_borrow()
-            .map_or(true, |watch| watch.is_watching())
-            .then_some(WATCH_TICK_MS);
-        let period = match (tokens, watching) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => a.or(b).unwrap_or(0),
-        };
+            }
+        }
         host.set_tick_period_ms(period);
     }
 

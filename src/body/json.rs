@@ -41,7 +41,37 @@ pub fn find_model(body: &[u8]) -> Result<ModelField<'_>, ApiError> {
 
 /// As `find_model`, but a body without `model` (or with `"model": null`)
 /// is fine: None, or a field whose value is None.
+#[cfg(test)]
 pub fn model_field(body: &[u8]) -> Result<Option<ModelField<'_>>, ApiError> {
+    Ok(read_request(body)?.model)
+}
+
+/// The top-level members of a JSON request the gateway reads.
+#[derive(Debug)]
+pub struct JsonRequest<'a> {
+    pub model: Option<ModelField<'a>>,
+    /// `"stream": true`.
+    pub stream: bool,
+    /// The `stream_options` value, and where it sits.
+    pub stream_options: Option<(&'a str, Range<usize>)>,
+}
+
+impl JsonRequest<'_> {
+    /// Whether the caller asked for its stream's usage itself
+    /// (`stream_options.include_usage: true`).
+    pub fn asks_for_usage(&self) -> bool {
+        self.stream_options.as_ref().is_some_and(|(raw, _)| {
+            members(raw)
+                .iter()
+                .any(|(key, value)| key == "include_usage" && value.get() == "true")
+        })
+    }
+}
+
+/// Validates `body` as a JSON object and reads its top-level `model`,
+/// `stream` and `stream_options`, each of which must appear at most once
+/// and not also under another case (the upstream might read the other).
+pub fn read_request(body: &[u8]) -> Result<JsonRequest<'_>, ApiError> {
     // JSON text is UTF-8 (RFC 8259); checked whole, because the pass below
     // skips the strings it does not need without looking inside them.
     let text = std::str::from_utf8(body)
@@ -55,21 +85,30 @@ pub fn model_field(body: &[u8]) -> Result<Option<ModelField<'_>>, ApiError> {
     }
     let members: TopLevel<'_> =
         serde_json::from_str(text).map_err(|e| ApiError::invalid_json(&e.to_string()))?;
-    if let Some(key) = members.look_alike {
-        return Err(ApiError::model_look_alike(&key));
+    if let Some((key, of)) = members.look_alike {
+        return Err(ApiError::key_look_alike(&key, of));
     }
     if members.models > 1 {
         return Err(ApiError::duplicate_model());
     }
-    let Some(raw) = members.model.map(RawValue::get) else {
-        return Ok(None);
-    };
-    let start = (raw.as_ptr() as usize).wrapping_sub(text.as_ptr() as usize);
-    let span = start..start.wrapping_add(raw.len());
-    if body.get(span.clone()) != Some(raw.as_bytes()) {
-        // RawValue borrows from `body`; anything else would be a serde_json change.
-        return Err(ApiError::internal("could not locate the model in the body"));
+    if members.streams > 1 || members.stream_options_count > 1 {
+        return Err(ApiError::invalid_json(
+            "the body has more than one 'stream' or 'stream_options'",
+        ));
     }
+    let stream = members.stream.map(RawValue::get) == Some("true");
+    let stream_options = match members.stream_options.map(RawValue::get) {
+        Some(raw) => Some((raw, locate(body, text, raw)?)),
+        None => None,
+    };
+    let Some(raw) = members.model.map(RawValue::get) else {
+        return Ok(JsonRequest {
+            model: None,
+            stream,
+            stream_options,
+        });
+    };
+    let span = locate(body, text, raw)?;
     let value = match raw.as_bytes().first() {
         Some(b'"') => Some(string_value(raw)?),
         Some(b'n') => None,
@@ -78,40 +117,144 @@ pub fn model_field(body: &[u8]) -> Result<Option<ModelField<'_>>, ApiError> {
         Some(b't' | b'f') => return Err(ApiError::model_not_string("a boolean")),
         _ => return Err(ApiError::model_not_string("a number")),
     };
-    Ok(Some(ModelField { value, span }))
+    Ok(JsonRequest {
+        model: Some(ModelField { value, span }),
+        stream,
+        stream_options,
+    })
+}
+
+/// Where a raw value borrowed from `text` (the body) sits in the body.
+fn locate(body: &[u8], text: &str, raw: &str) -> Result<Range<usize>, ApiError> {
+    let start = (raw.as_ptr() as usize).wrapping_sub(text.as_ptr() as usize);
+    let span = start..start.wrapping_add(raw.len());
+    if body.get(span.clone()) != Some(raw.as_bytes()) {
+        // RawValue borrows from `body`; anything else would be a serde_json change.
+        return Err(ApiError::internal("could not locate a member in the body"));
+    }
+    Ok(span)
 }
 
 /// Puts `deployment` in the body's `model`: the literal replaced, or (when
 /// the body has none) a `model` member added first.
+#[cfg(test)]
 pub fn json_model_edit(body: &[u8], field: Option<&ModelField<'_>>, deployment: &str) -> BodyEdit {
-    let literal = serde_json::to_string(deployment).unwrap_or_else(|_| "\"\"".into());
-    match field {
-        Some(field) => {
-            let mut with = body.get(..field.span.start).unwrap_or_default().to_vec();
-            with.extend_from_slice(literal.as_bytes());
-            BodyEdit {
-                replace: field.span.end,
-                with,
-                body_len: body.len(),
+    let mut edits = Edits::default();
+    edits.model(field, deployment);
+    edits.apply(body)
+}
+
+/// What a JSON body needs before it goes upstream: the deployment as its
+/// `model` (where the upstream reads it there), and
+/// `stream_options.include_usage: true` (where the filter asks for a
+/// stream's usage). None when it needs nothing.
+pub fn json_edit(
+    body: &[u8],
+    request: &JsonRequest<'_>,
+    deployment: Option<&str>,
+    include_usage: bool,
+) -> Option<BodyEdit> {
+    let mut edits = Edits::default();
+    if let Some(deployment) = deployment {
+        edits.model(request.model.as_ref(), deployment);
+    }
+    if include_usage {
+        // The caller's other options kept, include_usage set (once).
+        let merged = request.stream_options.as_ref().map(|(raw, span)| {
+            let mut options = b"{".to_vec();
+            for (key, value) in members(raw) {
+                if key != "include_usage" {
+                    options.extend(serde_json::to_vec(&key).unwrap_or_default());
+                    options.push(b':');
+                    options.extend_from_slice(value.get().as_bytes());
+                    options.push(b',');
+                }
+            }
+            options.extend_from_slice(br#""include_usage":true}"#);
+            (span.clone(), options)
+        });
+        match merged {
+            Some(replacement) => edits.replace.push(replacement),
+            None => edits
+                .insert
+                .push(br#""stream_options":{"include_usage":true}"#.to_vec()),
+        }
+    }
+    (!edits.is_empty()).then(|| edits.apply(body))
+}
+
+/// The members of a JSON object's text, values left as text (none when it
+/// is not an object).
+fn members(raw: &str) -> Vec<(String, &RawValue)> {
+    struct Members;
+    impl<'de> Visitor<'de> for Members {
+        type Value = Vec<(String, &'de RawValue)>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut members = Vec::new();
+            while let Some(key) = map.next_key::<String>()? {
+                members.push((key, map.next_value::<&'de RawValue>()?));
+            }
+            Ok(members)
+        }
+    }
+    let mut deserializer = serde_json::Deserializer::from_str(raw);
+    deserializer.deserialize_map(Members).unwrap_or_default()
+}
+
+/// Changes to a JSON object's text: members inserted first, values replaced.
+#[derive(Default)]
+struct Edits {
+    insert: Vec<Vec<u8>>,
+    replace: Vec<(Range<usize>, Vec<u8>)>,
+}
+
+impl Edits {
+    fn is_empty(&self) -> bool {
+        self.insert.is_empty() && self.replace.is_empty()
+    }
+
+    fn model(&mut self, field: Option<&ModelField<'_>>, deployment: &str) {
+        let literal = serde_json::to_vec(deployment).unwrap_or_else(|_| b"\"\"".to_vec());
+        match field {
+            Some(field) => self.replace.push((field.span.clone(), literal)),
+            None => {
+                let mut member = b"\"model\":".to_vec();
+                member.extend(literal);
+                self.insert.push(member);
             }
         }
-        None => {
-            let open = body.iter().position(|&b| b == b'{').unwrap_or(0);
+    }
+
+    /// The edit as a prefix rewrite: the body up to the last change.
+    fn apply(mut self, body: &[u8]) -> BodyEdit {
+        let open = body.iter().position(|&b| b == b'{').unwrap_or(0);
+        self.replace.sort_by_key(|(span, _)| span.start);
+        let mut with = Vec::new();
+        let mut copied = 0;
+        if !self.insert.is_empty() {
+            with.extend_from_slice(body.get(..=open).unwrap_or(b"{"));
+            with.extend(self.insert.join(&b","[..]));
             let empty = body
                 .get(open + 1..)
                 .and_then(|rest| rest.iter().find(|b| !b.is_ascii_whitespace()))
                 == Some(&b'}');
-            let mut with = body.get(..=open).unwrap_or(b"{").to_vec();
-            with.extend_from_slice(b"\"model\":");
-            with.extend_from_slice(literal.as_bytes());
             if !empty {
                 with.push(b',');
             }
-            BodyEdit {
-                replace: open + 1,
-                with,
-                body_len: body.len(),
-            }
+            copied = open + 1;
+        }
+        for (span, value) in self.replace {
+            with.extend_from_slice(body.get(copied..span.start).unwrap_or_default());
+            with.extend(value);
+            copied = span.end;
+        }
+        BodyEdit {
+            replace: copied,
+            with,
+            body_len: body.len(),
         }
     }
 }
@@ -132,8 +275,13 @@ fn string_value(literal: &str) -> Result<Cow<'_, str>, ApiError> {
 struct TopLevel<'a> {
     model: Option<&'a RawValue>,
     models: usize,
-    /// The first key that reads as `model` to a case-insensitive parser.
-    look_alike: Option<String>,
+    stream: Option<&'a RawValue>,
+    streams: usize,
+    stream_options: Option<&'a RawValue>,
+    stream_options_count: usize,
+    /// The first key that a case-insensitive parser would read as one of
+    /// the members the gateway reads, and which.
+    look_alike: Option<(String, &'static str)>,
 }
 
 impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
@@ -155,6 +303,10 @@ impl<'de> Visitor<'de> for TopLevelVisitor {
         let mut found = TopLevel {
             model: None,
             models: 0,
+            stream: None,
+            streams: 0,
+            stream_options: None,
+            stream_options_count: 0,
             look_alike: None,
         };
         while let Some(key) = map.next_key_seed(KeySeed)? {
@@ -163,8 +315,16 @@ impl<'de> Visitor<'de> for TopLevelVisitor {
                     found.model = Some(map.next_value::<&'de RawValue>()?);
                     found.models += 1;
                 }
-                Key::LookAlike(name) => {
-                    found.look_alike.get_or_insert(name);
+                Key::Stream => {
+                    found.stream = Some(map.next_value::<&'de RawValue>()?);
+                    found.streams += 1;
+                }
+                Key::StreamOptions => {
+                    found.stream_options = Some(map.next_value::<&'de RawValue>()?);
+                    found.stream_options_count += 1;
+                }
+                Key::LookAlike(name, of) => {
+                    found.look_alike.get_or_insert((name, of));
                     map.next_value::<IgnoredAny>()?;
                 }
                 Key::Other => {
@@ -179,10 +339,16 @@ impl<'de> Visitor<'de> for TopLevelVisitor {
 /// A top-level key, reduced to what matters about it.
 enum Key {
     Model,
-    /// Not `model`, but `model` to a parser that ignores case.
-    LookAlike(String),
+    Stream,
+    StreamOptions,
+    /// Not one of those, but one of them (named) to a parser that ignores case.
+    LookAlike(String, &'static str),
     Other,
 }
+
+/// The members the gateway reads, and which a case-insensitive upstream
+/// parser must not find a second time.
+const READ_KEYS: [&str; 3] = ["model", "stream", "stream_options"];
 
 /// Classifies a map key without allocating it (unless it is a look-alike).
 struct KeySeed;
@@ -203,25 +369,29 @@ impl<'de> Visitor<'de> for KeySeed {
     }
 
     fn visit_str<E>(self, key: &str) -> Result<Key, E> {
-        Ok(if key == "model" {
-            Key::Model
-        } else if reads_as_model(key) {
-            Key::LookAlike(key.to_string())
-        } else {
-            Key::Other
+        Ok(match key {
+            "model" => Key::Model,
+            "stream" => Key::Stream,
+            "stream_options" => Key::StreamOptions,
+            _ => match READ_KEYS.into_iter().find(|read| reads_as(key, read)) {
+                Some(of) => Key::LookAlike(key.to_string(), of),
+                None => Key::Other,
+            },
         })
     }
 }
 
-/// Whether a case-insensitive reader would take `key` for `model`. Go folds
-/// case with Unicode simple folding; lower-casing covers it (no non-ASCII
-/// letter folds to m, o, d, e or l) and errs on the side of refusing.
-fn reads_as_model(key: &str) -> bool {
+/// Whether a case-insensitive reader would take `key` for `name`. Go folds
+/// case with Unicode simple folding; lower-casing covers it for these names
+/// (the non-ASCII letters that fold to ASCII ones, the Kelvin sign and the
+/// long s, fold to k and s, and lower-case to k and themselves: `ſtream` is
+/// caught below) and errs on the side of refusing.
+fn reads_as(key: &str, name: &str) -> bool {
     if key.is_ascii() {
-        return key.eq_ignore_ascii_case("model");
+        return key.eq_ignore_ascii_case(name);
     }
-    // A look-alike has five letters of at most four bytes each.
-    key.len() <= 20 && key.to_lowercase() == "model"
+    // A look-alike has as many letters as the name, of at most four bytes.
+    key.len() <= name.len() * 4 && key.to_lowercase().replace('ſ', "s") == name
 }
 
 #[cfg(test)]
@@ -373,10 +543,12 @@ mod tests {
 
     #[test]
     fn look_alike_check_covers_non_ascii_keys() {
-        assert!(reads_as_model("MODEL"));
-        assert!(!reads_as_model("model\u{0301}"));
-        assert!(!reads_as_model("mödel"));
-        assert!(!reads_as_model(&"é".repeat(20)));
+        assert!(reads_as("MODEL", "model"));
+        assert!(!reads_as("model\u{0301}", "model"));
+        assert!(!reads_as("mödel", "model"));
+        assert!(!reads_as(&"é".repeat(20), "model"));
+        assert!(reads_as("ſtream", "stream"));
+        assert!(reads_as("STREAM_options", "stream_options"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod multipart;
 
 #[cfg(test)]
 pub use json::find_model;
-pub use json::{json_model_edit, model_field};
+pub use json::{json_edit, read_request};
 #[cfg(test)]
 pub use multipart::find_field;
 pub use multipart::{boundary, multipart_model_edit, FormScanner};

@@ -49,6 +49,13 @@ pub fn too_old(op: Operation, version: &str) -> Option<String> {
     })
 }
 
+/// Whether a version takes `stream_options.include_usage` (first in
+/// 2024-09-01-preview; older GA versions refuse it).
+pub fn serves_include_usage(version: &str) -> bool {
+    let first = "2024-09-01";
+    date(version) > first || (date(version) == first && version.ends_with("-preview"))
+}
+
 /// The version an operation gets when `api_versions` does not name it:
 /// the upstream's, if it serves the operation, else a default that does.
 pub fn for_operation(op: Operation, upstream_version: &str) -> String {
@@ -67,6 +74,26 @@ pub fn for_operation(op: Operation, upstream_version: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn include_usage_needs_2024_09_01_preview() {
+        for version in [
+            "2024-09-01-preview",
+            "2024-10-21",
+            "2025-04-01-preview",
+            "2025-01-01",
+        ] {
+            assert!(serves_include_usage(version), "{version}");
+        }
+        for version in [
+            "2024-09-01",
+            "2024-08-01-preview",
+            "2024-06-01",
+            "2023-05-15",
+        ] {
+            assert!(!serves_include_usage(version), "{version}");
+        }
+    }
 
     #[test]
     fn shapes() {

@@ -295,6 +295,22 @@ fn validate_callers(
     Ok(callers)
 }
 
+/// Names, aliases and deployments are labels of the filter's metrics, carried
+/// in Envoy stat names as `label=.=value;.;`: a value holding `;` or `=`
+/// would break that encoding.
+pub(super) fn check_label(path: &str, value: &str) -> Result<(), ConfigError> {
+    if value.contains(';') || value.contains('=') {
+        return Err(error(
+            path,
+            format!(
+                "`{value}` cannot hold `;` or `=`: it is a label of the filter's metrics \
+                 (Envoy stat tags)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn upstream_index(upstreams: &[Upstream], path: &str, name: &str) -> Result<usize, ConfigError> {
     upstreams
         .iter()
@@ -339,6 +355,8 @@ fn validate_model(
             "`*` is reserved for caller allowlists meaning every model",
         ));
     }
+    check_label(&path, &alias)?;
+    check_label(&format!("{path}.deployment"), &raw.deployment)?;
     let upstream = upstream_index(upstreams, &format!("{path}.upstream"), &raw.upstream)?;
     let in_path = matches!(
         upstreams.get(upstream).map(|u| &u.flavor),
@@ -364,6 +382,7 @@ fn validate_caller(
             "must be a non-empty name without control characters",
         ));
     }
+    check_label(&format!("{path}.name"), &raw.name)?;
     let key_sha256 =
         parse_sha256_hex(&raw.key_sha256).map_err(|m| error(format!("{path}.key_sha256"), m))?;
 

@@ -959,3 +959,46 @@ fn bearer_auth_for_azure_too() {
         matches!(&config.upstreams[0].auth, UpstreamAuth::Bearer(s) if s.expose() == "west-secret")
     );
 }
+
+#[test]
+fn names_that_cannot_be_metric_labels_are_refused() {
+    for (change, path) in [
+        (
+            json!({"callers": [{"name": "team;a", "key_sha256": "0".repeat(64), "models": ["*"]}]}),
+            "callers[0].name",
+        ),
+        (
+            json!({"models": {"gpt=4o": {"upstream": "west", "deployment": "d"}}}),
+            "models.gpt=4o",
+        ),
+        (
+            json!({"models": {"gpt-4o": {"upstream": "west", "deployment": "a;b"}}}),
+            "models.gpt-4o.deployment",
+        ),
+    ] {
+        let mut config = json!({
+            "upstreams": {"west": {"endpoint": "acme-west", "cluster": "w",
+                                   "auth": {"api_key": {"value": "k"}}}},
+            "models": {"gpt-4o": {"upstream": "west", "deployment": "d"}},
+            "callers": [{"name": "team-a", "key_sha256": "0".repeat(64), "models": ["*"]}]
+        });
+        for (key, value) in change.as_object().unwrap() {
+            config[key] = value.clone();
+        }
+        let error = Config::from_json(config.to_string().as_bytes(), &|_| None).unwrap_err();
+        assert_eq!(error.path, path);
+        assert!(
+            error.message.contains("label of the filter's metrics"),
+            "{}",
+            error.message
+        );
+    }
+    let upstream = json!({
+        "upstreams": {"we;st": {"endpoint": "acme-west", "cluster": "w",
+                                "auth": {"api_key": {"value": "k"}}}},
+        "models": {"gpt-4o": {"upstream": "we;st", "deployment": "d"}},
+        "callers": [{"name": "team-a", "key_sha256": "0".repeat(64), "models": ["*"]}]
+    });
+    let error = Config::from_json(upstream.to_string().as_bytes(), &|_| None).unwrap_err();
+    assert_eq!(error.path, "upstreams.we;st");
+}

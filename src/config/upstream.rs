@@ -2,7 +2,7 @@
 //! API, Azure's v1 API, or an OpenAI-compatible server) and how the filter
 //! authenticates to it.
 
-use super::api_version::{for_operation, is_dated, too_old};
+use super::api_version::{for_operation, is_dated, serves_include_usage, too_old};
 use super::endpoint::{parse_base_url, parse_endpoint, Endpoint};
 use super::raw::{RawAuth, RawUpstream};
 use super::{check_cluster, credential, error, resolve_secret, ConfigError, Credential, Env};
@@ -49,6 +49,21 @@ impl Upstream {
     pub fn model_in_body(&self, op: Operation) -> bool {
         match self.flavor {
             Flavor::AzureDeployments { .. } => op.resource_level(),
+            Flavor::AzureV1 { .. } | Flavor::OpenAi { .. } => true,
+        }
+    }
+
+    /// Whether a stream of this operation can be asked for its usage
+    /// (`stream_options.include_usage`): chat and completions, where the
+    /// upstream takes it (on the deployments API, from 2024-09-01-preview).
+    pub fn takes_include_usage(&self, op: Operation) -> bool {
+        if !matches!(op, Operation::ChatCompletions | Operation::Completions) {
+            return false;
+        }
+        match &self.flavor {
+            Flavor::AzureDeployments { api_versions } => api_versions
+                .get(op.index())
+                .is_some_and(|version| serves_include_usage(version)),
             Flavor::AzureV1 { .. } | Flavor::OpenAi { .. } => true,
         }
     }
@@ -118,6 +133,7 @@ pub(super) fn validate(
     if name.is_empty() {
         return Err(error("upstreams", "an upstream name must not be empty"));
     }
+    super::check_label(&path, &name)?;
     let openai = match raw.kind.as_deref() {
         None | Some("azure") => false,
         Some("openai") => true,

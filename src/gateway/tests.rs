@@ -449,18 +449,48 @@ fn multipart_refusals() {
 #[test]
 fn azure_style_paths_use_the_alias_in_the_path() {
     let config = config();
-    // Deployments API: forwarded on the headers, the body untouched.
+    // Deployments API: forwarded on the headers, the body untouched...
     let a = admitted(
         &config,
-        "/openai/deployments/gpt-4o/chat/completions?api-version=2023-05-15",
-        "key-a",
+        "/openai/deployments/text-embedding-3-small/embeddings?api-version=2023-05-15",
+        "key-ops",
     );
     let Plan::Forward(forward) = plan(&config, a).unwrap() else {
         panic!("not forwarded at once")
     };
     assert_eq!(
         forward.path,
+        "/openai/deployments/embed-prod/embeddings?api-version=2024-10-21"
+    );
+    // ...but for chat, whose stream may have to be asked for its usage.
+    let a = admitted(
+        &config,
+        "/openai/deployments/gpt-4o/chat/completions?api-version=2023-05-15",
+        "key-a",
+    );
+    assert!(matches!(
+        plan(&config, a.clone()).unwrap(),
+        Plan::ReadBody(_)
+    ));
+    let body = br#"{"messages":[]}"#;
+    let forward = route(&config, &a, body, "application/json").unwrap();
+    assert_eq!(
+        forward.path,
         "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"
+    );
+    assert_eq!(
+        (forward.body_edit.is_none(), forward.strip_usage),
+        (true, false)
+    );
+    let body = br#"{"messages":[],"stream":true}"#;
+    let forward = route(&config, &a, body, "application/json").unwrap();
+    assert!(forward.strip_usage);
+    let sent: Value = serde_json::from_slice(&apply(body, &forward)).unwrap();
+    assert_eq!(sent["stream_options"], json!({"include_usage": true}));
+    assert_eq!(
+        sent.get("model"),
+        None,
+        "the deployments API reads the path"
     );
     // The allowlist still applies.
     let a = admitted(
@@ -806,4 +836,95 @@ fn stored_tail_suffixes() {
     assert_eq!(StoredTail::Itself.suffix(), "");
     assert_eq!(StoredTail::InputItems.suffix(), "/input_items");
     assert_eq!(StoredTail::Cancel.suffix(), "/cancel");
+}
+
+// ------------------------------------------------------------- stream usage
+
+fn stream_edit<'c>(config: &'c Config, path: &str, body: &str) -> (Forward<'c>, Value) {
+    let a = admitted(config, path, "key-ops");
+    let forward = route(config, &a, body.as_bytes(), "application/json").unwrap();
+    let sent = serde_json::from_slice(&apply(body.as_bytes(), &forward)).unwrap();
+    (forward, sent)
+}
+
+#[test]
+fn streams_are_asked_for_their_usage_where_the_upstream_takes_it() {
+    let config = config();
+    // A stream whose caller did not ask: asked, and stripped on the way back.
+    let (forward, sent) = stream_edit(
+        &config,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4.1","stream":true,"messages":[]}"#,
+    );
+    assert!(forward.strip_usage);
+    assert_eq!(
+        sent,
+        json!({"model": "gpt41-prod", "stream": true, "messages": [],
+               "stream_options": {"include_usage": true}})
+    );
+    // Other stream options are kept, include_usage: false is overridden.
+    let (forward, sent) = stream_edit(
+        &config,
+        "/v1/chat/completions",
+        r#"{"stream_options":{"include_usage":false,"x":1},"model":"llama","stream":true}"#,
+    );
+    assert!(forward.strip_usage);
+    assert_eq!(
+        sent["stream_options"],
+        json!({"include_usage": true, "x": 1})
+    );
+    assert_eq!(sent["model"], "meta-llama/Llama-3.1-8B-Instruct");
+    // A caller that asked gets its stream as it is.
+    let body = r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}"#;
+    let (forward, _) = stream_edit(&config, "/v1/chat/completions", body);
+    assert!(!forward.strip_usage);
+    assert_eq!(forward.body_edit, None);
+    // Not a stream, not chat, or an upstream version that refuses it: untouched.
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o","stream":false}"#,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o","stream":"true"}"#,
+        ),
+        (
+            "/v1/embeddings",
+            r#"{"model":"text-embedding-3-small","stream":true}"#,
+        ),
+    ] {
+        let (forward, _) = stream_edit(&config, path, body);
+        assert!(!forward.strip_usage, "{body}");
+        assert_eq!(forward.body_edit, None, "{body}");
+    }
+    let old = json!({
+        "upstreams": {"old": {"endpoint": "acme-old", "cluster": "old", "api_version": "2024-06-01",
+                              "auth": {"api_key": {"value": "k"}}}},
+        "models": {"gpt-4o": {"upstream": "old", "deployment": "d"}},
+        "callers": [{"name": "ops", "key_sha256": hash("key-ops"), "models": ["*"]}]
+    });
+    let old = Config::from_json(old.to_string().as_bytes(), &|_| None).unwrap();
+    let (forward, _) = stream_edit(
+        &old,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","stream":true}"#,
+    );
+    assert!(!forward.strip_usage, "2024-06-01 refuses stream_options");
+    assert_eq!(forward.body_edit, None);
+}
+
+#[test]
+fn stream_keys_an_upstream_could_read_twice_are_refused() {
+    let config = config();
+    for body in [
+        r#"{"model":"gpt-4o","stream":true,"Stream":false}"#,
+        r#"{"model":"gpt-4o","stream":true,"STREAM_OPTIONS":{"include_usage":false}}"#,
+        r#"{"model":"gpt-4o","stream":true,"stream":false}"#,
+        r#"{"model":"gpt-4o","stream_options":{},"stream_options":{"include_usage":false}}"#,
+    ] {
+        let a = admitted(&config, "/v1/chat/completions", "key-ops");
+        let error = route(&config, &a, body.as_bytes(), "application/json").unwrap_err();
+        assert_eq!((error.status, error.code), (400, "invalid_json"), "{body}");
+    }
 }

@@ -131,6 +131,7 @@ extern "C" {
         return_id: *mut u32,
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
     fn proxy_send_local_response(
         status_code: u32,
         status_code_details_data: *const u8,
@@ -351,4 +352,10 @@ pub fn define_metric(kind: MetricType, name: &str) -> Result<u32, Status> {
 pub fn increment_metric(id: u32, offset: i64) -> Result<(), Status> {
     // SAFETY: no pointers.
     check(unsafe { proxy_increment_metric(id, offset) })
+}
+
+/// Sets a gauge (or records a histogram sample).
+pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {
+    // SAFETY: no pointers.
+    check(unsafe { proxy_record_metric(id, value) })
 }

@@ -58,6 +58,10 @@ impl Host for WasmHost {
         let _ = abi::increment_metric(id, delta);
     }
 
+    fn set_metric(&mut self, id: u32, value: u64) {
+        let _ = abi::record_metric(id, value);
+    }
+
     fn log_enabled(&self, level: Level) -> bool {
         log::enabled(level)
     }

@@ -12,10 +12,7 @@
 mod scan;
 mod sse;
 
-pub use sse::SseRewrite;
-
-use serde::Deserialize;
-
+use crate::json::Json;
 use scan::JsonScanner;
 use sse::SseReader;
 
@@ -33,45 +30,34 @@ impl Usage {
     /// `prompt_tokens`/`completion_tokens` or the Responses API's
     /// `input_tokens`/`output_tokens`). None when it holds no counts.
     pub fn from_json(bytes: &[u8]) -> Option<Usage> {
-        #[derive(Deserialize)]
-        struct Details {
-            cached_tokens: Option<u64>,
-            reasoning_tokens: Option<u64>,
-        }
-        #[derive(Deserialize)]
-        struct Raw {
-            prompt_tokens: Option<u64>,
-            completion_tokens: Option<u64>,
-            input_tokens: Option<u64>,
-            output_tokens: Option<u64>,
-            prompt_tokens_details: Option<Details>,
-            input_tokens_details: Option<Details>,
-            completion_tokens_details: Option<Details>,
-            output_tokens_details: Option<Details>,
-        }
-        let raw: Raw = serde_json::from_slice(bytes).ok()?;
-        let input = raw.prompt_tokens.or(raw.input_tokens);
-        let output = raw.completion_tokens.or(raw.output_tokens);
+        let usage = Json::parse(bytes).ok()?;
+        let count = |json: Option<&Json>| match json {
+            Some(Json::Unsigned(n)) => Some(*n),
+            _ => None,
+        };
+        let either = |a: &str, b: &str| count(usage.get(a)).or_else(|| count(usage.get(b)));
+        let detail = |a: &str, b: &str, field: &str| {
+            count(usage.get(a).and_then(|d| d.get(field)))
+                .or_else(|| count(usage.get(b).and_then(|d| d.get(field))))
+                .unwrap_or(0)
+        };
+        let input = either("prompt_tokens", "input_tokens");
+        let output = either("completion_tokens", "output_tokens");
         if input.is_none() && output.is_none() {
             return None;
         }
-        let detail =
-            |a: &Option<Details>, b: &Option<Details>, pick: fn(&Details) -> Option<u64>| {
-                a.as_ref()
-                    .and_then(pick)
-                    .or_else(|| b.as_ref().and_then(pick))
-                    .unwrap_or(0)
-            };
         Some(Usage {
             input: input.unwrap_or(0),
             output: output.unwrap_or(0),
-            cached_input: detail(&raw.prompt_tokens_details, &raw.input_tokens_details, |d| {
-                d.cached_tokens
-            }),
+            cached_input: detail(
+                "prompt_tokens_details",
+                "input_tokens_details",
+                "cached_tokens",
+            ),
             reasoning_output: detail(
-                &raw.completion_tokens_details,
-                &raw.output_tokens_details,
-                |d| d.reasoning_tokens,
+                "completion_tokens_details",
+                "output_tokens_details",
+                "reasoning_tokens",
             ),
         })
     }

@@ -8,9 +8,6 @@ use super::Usage;
 /// An event longer than this is passed through unread.
 const MAX_EVENT: usize = 4 * 1024 * 1024;
 
-/// What a stripped piece of the stream became.
-pub type SseRewrite = Vec<u8>;
-
 #[derive(Debug)]
 pub struct SseReader {
     path: &'static [&'static str],
@@ -41,7 +38,7 @@ impl SseReader {
     /// The next piece of the stream (`last`: the stream ends with it). When
     /// stripping, returns what the caller gets instead, if it differs: the
     /// finished events (an unfinished one waits for the next piece).
-    pub fn feed(&mut self, piece: &[u8], last: bool) -> Option<SseRewrite> {
+    pub fn feed(&mut self, piece: &[u8], last: bool) -> Option<Vec<u8>> {
         let held_before = !self.pending.is_empty();
         // Where the last finished event in `pending + piece` ends.
         let end = last_boundary(&self.pending, piece);
@@ -184,9 +181,8 @@ fn last_boundary(pending: &[u8], piece: &[u8]) -> Option<usize> {
     joined.extend_from_slice(piece);
     let mut found = None;
     for (i, window) in joined.windows(2).enumerate() {
-        if window == b"\n\n" {
-            found = Some(i + 2);
-        } else if window == b"\r\n" && i >= 1 && joined.get(i - 1) == Some(&b'\n') {
+        let crlf_after_lf = window == b"\r\n" && i >= 1 && joined.get(i - 1) == Some(&b'\n');
+        if window == b"\n\n" || crlf_after_lf {
             found = Some(i + 2);
         }
     }

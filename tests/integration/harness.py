@@ -307,6 +307,14 @@ def local_reply_config(cluster_header="x-azure-openai-cluster"):
     return {"mappers": mappers}
 
 
+# The labels of the filter's metrics, carried in stat names as
+# `_label=.=value;.;` (src/metrics.rs); the same rules are in every
+# envoy/*.yaml.
+METRIC_LABELS = ["caller", "model", "upstream", "deployment", "operation", "status", "type", "le"]
+STATS_TAGS = [{"tag_name": label, "regex": f"(_?{label}=\\.=(.*?);\\.;)"}
+              for label in METRIC_LABELS]
+
+
 def bootstrap(http_filters, clusters, buffer_limit=40_000_000,
               cluster_header="x-azure-openai-cluster"):
     return {
@@ -341,6 +349,7 @@ def bootstrap(http_filters, clusters, buffer_limit=40_000_000,
             }],
             "clusters": clusters,
         },
+        "stats_config": {"stats_tags": STATS_TAGS},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
     }
 
