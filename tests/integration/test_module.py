@@ -6,10 +6,13 @@ import httpx
 from conftest import EAST_KEY, OPS_KEY, TEAM_A_KEY, WEST_KEY
 from harness import WASM
 
-SIZE_BUDGET = 350 * 1000
+# 350 KB while the filter only routed; raised for usage accounting and
+# metrics, compressed-error decoding, deployment pools and caller limits.
+# Size costs load time and memory per VM, not time per request.
+SIZE_BUDGET = 450 * 1000
 
 
-def test_release_module_stays_under_350_kb():
+def test_release_module_stays_under_450_kb():
     size = WASM.stat().st_size
     assert size < SIZE_BUDGET, f"{WASM.name} is {size} bytes"
 
