@@ -1,5 +1,7 @@
 """Bare Envoy (native route rewrite + header swap) against Envoy with the
 filter, in one run: same small chat request, same upstream, over loopback.
+Two cases: a plain chat completion ("chat"), and a streamed one ("stream":
+an SSE answer of 20 events, each flushed, from bench/sse-upstream).
 
 A third set-up, bare Envoy plus a Wasm filter that does nothing
 (bench/noop-filter), shows what any Wasm filter costs before doing work.
@@ -125,6 +127,28 @@ def filter_config(upstream_port, wasm):
     return bootstrap([entry], [cluster("azure_west", upstream_port)])
 
 
+SSE_UPSTREAM = ROOT / "target" / "bench-sse-upstream"
+
+
+class SseUpstream:
+    """The Go stand-in that streams (bench/sse-upstream), pinned like the
+    Envoy upstream."""
+
+    def __init__(self, cpus):
+        if not SSE_UPSTREAM.exists():
+            subprocess.run(["go", "build", "-o", str(SSE_UPSTREAM), "."],
+                           cwd=ROOT / "bench" / "sse-upstream", check=True)
+        args = [str(SSE_UPSTREAM)]
+        if cpus:
+            args = ["taskset", "-c", cpus] + args
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        self.port = int(self.process.stdout.readline())
+
+    def cleanup(self):
+        self.process.terminate()
+        self.process.wait()
+
+
 def start(config, cpus, concurrency):
     envoy = Envoy(config, concurrency=concurrency, log_level="warn", component_log_level=None)
     if cpus:
@@ -140,8 +164,13 @@ def cpu_seconds(pid):
 WRK_CPUS = []
 
 
+CASE = {"stream": False}
+
+
 def wrk(url, seconds, connections):
     env = {**os.environ, "BENCH_KEY": CALLER_KEY}
+    if CASE["stream"]:
+        env["BENCH_STREAM"] = "1"
     out = subprocess.run(WRK_CPUS + ["wrk", "-t1", f"-c{connections}",
                           f"-d{seconds}s", "-s", str(ROOT / "bench" / "post.lua"), url],
                          env=env, capture_output=True, text=True, check=True).stdout
@@ -164,8 +193,12 @@ def measure(envoy, seconds, connections):
 def check(envoy):
     response = httpx.post(envoy.url + "/v1/chat/completions", timeout=10,
                           headers={"authorization": f"Bearer {CALLER_KEY}"},
-                          json={"model": "gpt-4o", "messages": []})
-    assert response.status_code == 200 and response.json()["id"] == "chatcmpl-1", response.text
+                          json={"model": "gpt-4o", "messages": [], "stream": CASE["stream"]})
+    assert response.status_code == 200, response.text
+    if CASE["stream"]:
+        assert response.text.endswith("data: [DONE]\n\n") and "usage" not in response.text
+    else:
+        assert response.json()["id"] == "chatcmpl-1", response.text
 
 
 MODES = {
@@ -182,7 +215,10 @@ def run_mode(mode, args):
     global WRK_CPUS
     settings = MODES[mode]
     WRK_CPUS = ["taskset", "-c", settings["helpers"]] if settings["helpers"] else []
-    upstream = start(upstream_config(), settings["helpers"], 1)
+    if CASE["stream"]:
+        upstream = SseUpstream(settings["helpers"])
+    else:
+        upstream = start(upstream_config(), settings["helpers"], 1)
     setups = {}
     try:
         makers = [("bare", bare_config), ("noop-wasm", noop_config)]
@@ -198,7 +234,7 @@ def run_mode(mode, args):
             for name, envoy in setups.items():
                 result = measure(envoy, args.seconds, args.connections)
                 rounds[name].append(result)
-                print(f"{mode} round {r + 1} {name:6}: {result['rps']:9.0f} req/s "
+                print(f"{args.case} {mode} round {r + 1} {name:6}: {result['rps']:9.0f} req/s "
                       f"{result['cpu_us_per_request']:6.1f} us CPU/request", flush=True)
     finally:
         for envoy in [upstream, *setups.values()]:
@@ -227,6 +263,8 @@ def main():
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--modes", default="pinned,shared",
                         help="comma-separated: " + ", ".join(MODES))
+    parser.add_argument("--cases", default="chat,stream",
+                        help="comma-separated: chat (JSON answer), stream (SSE answer)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     parser.add_argument("--module", action="append", default=[], metavar="NAME=PATH",
                         help="a build of the filter to measure (repeat to compare builds in one "
@@ -235,14 +273,19 @@ def main():
     args.modules = [tuple(m.split("=", 1)) for m in args.module] or [
         ("filter", str(ROOT / "target" / "azure_openai_filter.wasm"))]
 
-    results = {mode: run_mode(mode, args) for mode in args.modes.split(",")}
+    results = {}
+    for case in args.cases.split(","):
+        CASE["stream"] = case == "stream"
+        args.case = case
+        for mode in args.modes.split(","):
+            results[f"{case} {mode}"] = run_mode(mode, args)
     report = {"modes": results, "settings": vars(args),
               "module_bytes": {name: Path(wasm).stat().st_size for name, wasm in args.modules}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
 
     print()
-    print("| mode | set-up | requests/s (median) | Envoy CPU per request | CPU/request vs bare |")
+    print("| case, mode | set-up | requests/s (median) | Envoy CPU per request | CPU/request vs bare |")
     print("|---|---|---|---|---|")
     for mode, result in results.items():
         for name, s in result["summary"].items():

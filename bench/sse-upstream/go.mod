@@ -1,0 +1,3 @@
+module sse-upstream
+
+go 1.19
