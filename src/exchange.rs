@@ -82,6 +82,8 @@ struct Account {
     ended_ms: Option<u64>,
     /// The status the caller got (0: none yet).
     status: u16,
+    /// Response body callbacks so far.
+    response_pieces: u32,
     reader: Option<UsageReader>,
     usage: Option<Usage>,
     recorded: bool,
@@ -274,8 +276,15 @@ impl Exchange {
                 self.account.usage = reader.usage();
             }
         }
+        self.account.response_pieces += 1;
         if end_of_stream {
-            self.account.ended_ms = Some(host.now_ms());
+            // An answer whose body came whole with its first piece ended when
+            // its headers came (no host call to ask the time again).
+            self.account.ended_ms = match (self.account.response_pieces, self.account.first_byte_ms)
+            {
+                (1, Some(first)) => Some(first),
+                _ => Some(host.now_ms()),
+            };
         }
         Flow::Continue
     }

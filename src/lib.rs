@@ -18,6 +18,7 @@
 mod auth;
 mod body;
 mod body_watch;
+mod bytes;
 pub mod config;
 mod errors;
 mod exchange;

@@ -28,6 +28,7 @@
 use std::ops::Range;
 
 use super::{BodyEdit, BodySource};
+use crate::bytes::find as memmem;
 use crate::errors::ApiError;
 
 /// Parts a form may have (OpenAI's forms have a handful; Starlette refuses
@@ -638,19 +639,6 @@ pub fn multipart_model_edit(
     }
 }
 
-fn memmem(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    let first = *needle.first()?;
-    let mut at = 0;
-    while let Some(offset) = haystack.get(at..)?.iter().position(|&b| b == first) {
-        let candidate = at + offset;
-        if haystack.get(candidate..candidate + needle.len())? == needle {
-            return Some(candidate);
-        }
-        at = candidate + 1;
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1120,13 +1108,5 @@ mod tests {
         let mut source: &[u8] = &bytes;
         let odd = "x----formdata-abc123";
         assert!(multipart_model_edit(&mut source, B, Some(&field), odd).is_err());
-    }
-
-    #[test]
-    fn memmem_finds_first_match() {
-        assert_eq!(memmem(b"abcabc", b"ca"), Some(2));
-        assert_eq!(memmem(b"abc", b"abcd"), None);
-        assert_eq!(memmem(b"abc", b""), None);
-        assert_eq!(memmem(b"\r\r\n", b"\r\n"), Some(1));
     }
 }

@@ -74,10 +74,15 @@ pub enum Shape {
     ResponsesStream,
 }
 
+/// A JSON answer's bytes are kept (they are read into the VM anyway) up to
+/// this much, and looked at once whole; a longer one is scanned as it comes.
+const KEEP_JSON: usize = 64 * 1024;
+
 /// Reads one answer's usage from its body, piece by piece.
 #[derive(Debug)]
 pub enum UsageReader {
-    Json(JsonScanner),
+    Json(Vec<u8>),
+    LongJson(JsonScanner),
     Stream(SseReader),
 }
 
@@ -86,7 +91,7 @@ impl UsageReader {
     /// added out of it (see the module's doc).
     pub fn new(shape: Shape, strip: bool) -> Self {
         match shape {
-            Shape::Json => UsageReader::Json(JsonScanner::new(&["usage"])),
+            Shape::Json => UsageReader::Json(Vec::new()),
             Shape::ChatStream => UsageReader::Stream(SseReader::new(&["usage"], strip)),
             Shape::ResponsesStream => {
                 UsageReader::Stream(SseReader::new(&["response", "usage"], false))
@@ -98,7 +103,18 @@ impl UsageReader {
     /// caller gets instead of the piece (None: the piece as it is).
     pub fn feed(&mut self, piece: &[u8], last: bool) -> Option<Vec<u8>> {
         match self {
-            UsageReader::Json(scanner) => {
+            UsageReader::Json(kept) if kept.len() + piece.len() <= KEEP_JSON => {
+                kept.extend_from_slice(piece);
+                None
+            }
+            UsageReader::Json(kept) => {
+                let mut scanner = JsonScanner::new(&["usage"]);
+                scanner.feed(kept);
+                scanner.feed(piece);
+                *self = UsageReader::LongJson(scanner);
+                None
+            }
+            UsageReader::LongJson(scanner) => {
                 scanner.feed(piece);
                 None
             }
@@ -109,7 +125,10 @@ impl UsageReader {
     /// The usage the answer reported (once its body is whole).
     pub fn usage(&self) -> Option<Usage> {
         match self {
-            UsageReader::Json(scanner) => Usage::from_json(scanner.found()?.value.as_deref()?),
+            UsageReader::Json(kept) => {
+                Usage::from_json(scan::find_in(kept, &["usage"])?.value.as_deref()?)
+            }
+            UsageReader::LongJson(scanner) => Usage::from_json(scanner.found()?.value.as_deref()?),
             UsageReader::Stream(reader) => reader.usage(),
         }
     }

@@ -98,9 +98,25 @@ impl JsonScanner {
     }
 
     pub fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
+        let mut at = 0;
+        while let Some(&b) = bytes.get(at) {
+            // Most of an answer is string content: skip to the string's next
+            // quote or backslash at once, unless the bytes are kept.
+            if self.in_string && !self.escape && !self.string_is_key && self.capture.is_none() {
+                let rest = bytes.get(at..).unwrap_or_default();
+                let skip = rest
+                    .iter()
+                    .position(|&c| c == b'"' || c == b'\\')
+                    .unwrap_or(rest.len());
+                if skip > 0 {
+                    at += skip;
+                    self.pos += skip;
+                    continue;
+                }
+            }
             self.byte(b);
             self.pos += 1;
+            at += 1;
         }
     }
 
@@ -269,5 +285,145 @@ impl JsonScanner {
                 capture.too_long = true;
             }
         }
+    }
+}
+
+/// Finds the member at `path` in a whole document: at once when it is the
+/// document's last top-level member (where Azure writes `usage`: its keys
+/// come in alphabetical order), else by a scan; not at all when the key's
+/// name is nowhere in the document.
+pub fn find_in(document: &[u8], path: &'static [&'static str]) -> Option<Found> {
+    let key = path.last()?;
+    if let [only] = path {
+        if let Some(found) = last_member(document, only) {
+            return Some(found);
+        }
+    }
+    let mut quoted = Vec::with_capacity(key.len() + 2);
+    quoted.push(b'"');
+    quoted.extend_from_slice(key.as_bytes());
+    quoted.push(b'"');
+    crate::bytes::find(document, &quoted)?;
+    let mut scanner = JsonScanner::new(path);
+    scanner.feed(document);
+    scanner.found
+}
+
+/// The position after the last non-whitespace byte before `end`.
+fn trim_end(document: &[u8], end: usize) -> usize {
+    let mut end = end.min(document.len());
+    while end > 0 && document.get(end - 1).is_some_and(u8::is_ascii_whitespace) {
+        end -= 1;
+    }
+    end
+}
+
+/// `key` as the last member of a document's top-level object, with an
+/// object or `null` for value, read from the end: `,"key":{...}}`.
+fn last_member(document: &[u8], key: &str) -> Option<Found> {
+    let close = trim_end(document, document.len()).checked_sub(1)?;
+    if document.get(close) != Some(&b'}') {
+        return None;
+    }
+    let value_end = trim_end(document, close);
+    let value_start = match document.get(value_end.checked_sub(1)?)? {
+        b'}' => {
+            // Back to the matching brace, over strings (whose braces do
+            // not count; a quote is escaped after an odd run of backslashes).
+            let mut depth = 0usize;
+            let mut at = value_end;
+            loop {
+                at = at.checked_sub(1)?;
+                match document.get(at)? {
+                    b'}' => depth += 1,
+                    b'{' => {
+                        depth = depth.checked_sub(1)?;
+                        if depth == 0 {
+                            break at;
+                        }
+                    }
+                    b'"' => loop {
+                        at = at.checked_sub(1)?;
+                        if document.get(at)? == &b'"' {
+                            let backslashes = document
+                                .get(..at)?
+                                .iter()
+                                .rev()
+                                .take_while(|&&b| b == b'\\')
+                                .count();
+                            if backslashes % 2 == 0 {
+                                break;
+                            }
+                        }
+                    },
+                    _ => {}
+                }
+            }
+        }
+        b'l' if document.get(..value_end)?.ends_with(b"null") => value_end - 4,
+        _ => return None,
+    };
+    let colon = trim_end(document, value_start).checked_sub(1)?;
+    if document.get(colon) != Some(&b':') {
+        return None;
+    }
+    let key_end = trim_end(document, colon);
+    let key_start = key_end.checked_sub(key.len() + 2)?;
+    let quoted = document.get(key_start..key_end)?;
+    if quoted.first() != Some(&b'"')
+        || quoted.last() != Some(&b'"')
+        || quoted.get(1..quoted.len() - 1)? != key.as_bytes()
+    {
+        return None;
+    }
+    let before = trim_end(document, key_start).checked_sub(1)?;
+    let comma_before = match document.get(before)? {
+        b',' => Some(before),
+        // The first member: that brace must open the document.
+        b'{' if trim_end(document, before) == 0 => None,
+        _ => return None,
+    };
+    Some(Found {
+        value: document.get(value_start..value_end).map(<[u8]>::to_vec),
+        member: key_start..value_end,
+        comma_before,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn both(document: &str, path: &'static [&'static str]) -> (Option<Found>, Option<Found>) {
+        let mut scanner = JsonScanner::new(path);
+        scanner.feed(document.as_bytes());
+        (find_in(document.as_bytes(), path), scanner.found)
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_scan() {
+        for document in [
+            r#"{"a":1,"usage":{"prompt_tokens":1,"x":{"y":2}}}"#,
+            "{ \"usage\" : { \"prompt_tokens\" : 1 } }\n",
+            r#"{"id":"x","usage":null}"#,
+            r#"{"usage":{"p":1},"user":null}"#,
+            r#"{"a":{"b":1,"usage":{"p":9}}}"#,
+            r#"{"a":"\"usage\":{\"p\":1}"}"#,
+            r#"{"a":[{"usage":{"p":1}}]}"#,
+            r#"{"usage":{"note":"}"}}"#,
+            r#"{"usage":{"note":"{\"}"}}"#,
+            r#"{"usage":{"note":"a\\"}}"#,
+            r#"{"x":1,"usage":1}"#,
+            r#"["usage",{"usage":{}}]"#,
+            r#"{"usage\u0022":{"p":1}}"#,
+        ] {
+            let (fast, scanned) = both(document, &["usage"]);
+            assert_eq!(fast, scanned, "{document}");
+        }
+        let responses = r#"{"type":"response.completed","response":{"id":"r","usage":{"input_tokens":3},"user":null}}"#;
+        let (fast, scanned) = both(responses, &["response", "usage"]);
+        assert!(fast.is_some());
+        assert_eq!(fast, scanned);
+        assert_eq!(find_in(br#"{"a":1}"#, &["usage"]), None);
     }
 }

@@ -2,7 +2,7 @@
 //! usage; when stripping, what the filter's own `include_usage` added is
 //! taken out of the events on their way to the caller.
 
-use super::scan::JsonScanner;
+use super::scan::find_in;
 use super::Usage;
 
 /// An event longer than this is passed through unread.
@@ -102,10 +102,9 @@ impl SseReader {
     }
 
     fn event(&mut self, event: &[u8]) -> Keep {
-        let mut scanner = JsonScanner::new(self.path);
         // Offset of the data within the event, when it is one line.
         let mut data_at = None;
-        let mut data_lines = 0;
+        let mut data: Vec<&[u8]> = Vec::new();
         let mut at = 0;
         for line in event.split_inclusive(|&b| b == b'\n') {
             let text = line.strip_suffix(b"\n").unwrap_or(line);
@@ -115,16 +114,21 @@ impl SseReader {
                     Some(v) => (v, 6),
                     None => (value, 5),
                 };
-                if data_lines > 0 {
-                    scanner.feed(b"\n");
-                }
-                scanner.feed(value);
-                data_lines += 1;
+                data.push(value);
                 data_at = Some(at + skipped);
             }
             at += line.len();
         }
-        let Some(found) = scanner.found() else {
+        let data_lines = data.len();
+        let joined;
+        let document = match data.as_slice() {
+            [one] => *one,
+            many => {
+                joined = many.join(&b"\n"[..]);
+                &joined
+            }
+        };
+        let Some(found) = find_in(document, self.path) else {
             return Keep::Whole;
         };
         let value = found.value.as_deref();
