@@ -228,6 +228,38 @@ impl ApiError {
         )
     }
 
+    /// Every deployment of a model is cooling down after 429s or failures.
+    pub fn all_targets_cooling(alias: &str, retry_after_ms: u64) -> Self {
+        let seconds = retry_after_ms.div_ceil(1000).max(1);
+        let mut error = Self::new(
+            429,
+            "requests",
+            "rate_limit_exceeded",
+            format!(
+                "Every deployment behind model `{}` is over its rate limit or failing right now. \
+                 Please retry after {seconds} seconds.",
+                echo(alias)
+            ),
+        );
+        error.headers.push(("retry-after", seconds.to_string()));
+        error
+            .headers
+            .push(("retry-after-ms", retry_after_ms.to_string()));
+        error
+    }
+
+    /// No target of a pool could be reached.
+    pub fn upstream_unreachable() -> Self {
+        Self::new(
+            503,
+            "server_error",
+            "upstream_unavailable",
+            "The gateway could not reach the Azure OpenAI resource for this model. Try again \
+             later."
+                .into(),
+        )
+    }
+
     pub fn missing_model() -> Self {
         Self::new(
             400,

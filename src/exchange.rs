@@ -21,10 +21,11 @@ use std::rc::Rc;
 use crate::body::BodySource;
 use crate::config::Config;
 use crate::errors::ApiError;
-use crate::gateway::{self, BodyReader, Forward, HeaderEdit, Pending, Plan, RequestHead};
+use crate::gateway::{self, BodyReader, Forward, HeaderEdit, Pending, Plan, Replay, RequestHead};
 use crate::headers::{self, Header};
-use crate::host_api::{log, Flow, Host, Level, Stream};
-use crate::metrics::RequestRecord;
+use crate::host_api::{log, Callout, CalloutReply, Flow, Host, Level, Stream};
+use crate::metrics::{RequestRecord, TargetEvent};
+use crate::pool::{retry_after_ms, Choice, Outcome, PoolChooser};
 use crate::routes::Operation;
 use crate::token::Lookup;
 use crate::upstream_errors::{self, Encoding, MAX_TRANSLATED_ERROR_BYTES};
@@ -67,13 +68,34 @@ pub struct Exchange {
     held_error: Option<HeldError>,
     /// What the metrics and the access log say of the request.
     account: Account,
+    /// For a model with several targets: what it takes to send the request
+    /// to another one.
+    failover: Option<Failover>,
 }
+
+/// A request that may fail over to another target of its model.
+#[derive(Debug)]
+struct Failover {
+    replay: Replay,
+    /// The caller's request headers, encoded.
+    request_headers: Vec<u8>,
+    /// Targets tried so far, the current one last.
+    tried: Vec<usize>,
+    /// The callout to the next target, while it is out.
+    callout: Option<u32>,
+}
+
+/// Attempts a request makes, the first included (each to another target).
+const MAX_ATTEMPTS: usize = 4;
+/// How long a failover attempt may take (the answer comes whole).
+const FAILOVER_TIMEOUT_MS: u64 = 600_000;
 
 /// Who asked for what, and what came of it.
 #[derive(Debug, Default)]
 struct Account {
     caller: Option<usize>,
     model: Option<usize>,
+    target: Option<usize>,
     op: Option<Operation>,
     /// The filter asked for the stream's usage: strip what that added.
     strip_usage: bool,
@@ -98,6 +120,7 @@ impl Exchange {
             translation: None,
             held_error: None,
             account: Account::default(),
+            failover: None,
         }
     }
 
@@ -205,13 +228,21 @@ impl Exchange {
             .and_then(|s| u16::try_from(s).ok())
             .unwrap_or(0);
         self.account.status = status;
-        if let (Some(worker), Some(model)) = (&self.worker, self.account.model) {
+        if let (Some(worker), Some(target)) = (&self.worker, self.account.target) {
             let requests = number("x-ratelimit-remaining-requests");
             let tokens = number("x-ratelimit-remaining-tokens");
             if requests.is_some() || tokens.is_some() {
                 if let Ok(mut metrics) = worker.metrics.try_borrow_mut() {
-                    metrics.remaining(model, requests, tokens);
+                    metrics.remaining(target, requests, tokens);
                 }
+            }
+        }
+        // A pool's target that failed: another one is tried, the answer
+        // held meanwhile (nothing of it has reached the caller).
+        if self.failover.is_some() {
+            let outcome = outcome_of(status, &response_headers);
+            if let Some(flow) = self.after_attempt(host, stream, outcome) {
+                return flow;
             }
         }
         if end_of_stream {
@@ -257,6 +288,9 @@ impl Exchange {
         body_size: usize,
         end_of_stream: bool,
     ) -> Flow {
+        if self.failover.as_ref().is_some_and(|f| f.callout.is_some()) {
+            return Flow::Pause; // the failed target's answer, to be replaced
+        }
         if self.held_error.is_some() {
             return self.held_error_body(host, stream, body_size, end_of_stream);
         }
@@ -287,6 +321,254 @@ impl Exchange {
             };
         }
         Flow::Continue
+    }
+
+    /// A callout this request sent came back: the answer of another target
+    /// after the first failed.
+    pub fn on_callout_response(
+        &mut self,
+        host: &mut dyn Host,
+        stream: &mut dyn Stream,
+        callout: u32,
+        reply: CalloutReply,
+    ) {
+        let Some(failover) = self.failover.as_mut() else {
+            return;
+        };
+        if failover.callout != Some(callout) {
+            return;
+        }
+        failover.callout = None;
+        let headers = headers::decode(&reply.headers).unwrap_or_default();
+        let status = headers::first(&headers, ":status")
+            .and_then(|s| std::str::from_utf8(s).ok()?.parse::<u16>().ok());
+        let outcome = match status {
+            None => Outcome::Failed, // the connection closed before an answer
+            Some(status) => outcome_of(status, &headers),
+        };
+        if self.after_attempt(host, stream, outcome).is_some() {
+            return; // another target is being tried, or the caller was answered
+        }
+        self.deliver(host, stream, status, &headers, reply.body);
+    }
+
+    /// After a target answered: record how (its cooldown, the metrics);
+    /// if it failed, try the next target of the pool. Some when that took
+    /// the answer over (a callout is out, or the caller was answered);
+    /// None when this answer goes to the caller.
+    fn after_attempt(
+        &mut self,
+        host: &mut dyn Host,
+        stream: &mut dyn Stream,
+        outcome: Outcome,
+    ) -> Option<Flow> {
+        let worker = self.worker.clone()?;
+        let config = &worker.config;
+        let current = self.account.target?;
+        let model = config.models.get(self.failover.as_ref()?.replay.model)?;
+        if let Ok(mut cooldowns) = worker.cooldowns.try_borrow_mut() {
+            cooldowns.record(host, config, current, outcome);
+        }
+        if outcome == Outcome::Served {
+            return None;
+        }
+        if let (Outcome::Throttled(_), Ok(mut metrics)) = (outcome, worker.metrics.try_borrow_mut())
+        {
+            metrics.target(current, TargetEvent::Throttled);
+        }
+        loop {
+            let failover = self.failover.as_mut()?;
+            let now = host.now_ms();
+            let exhausted = failover.tried.len() >= MAX_ATTEMPTS.min(model.targets.len());
+            // Out of attempts: the caller gets this answer, unless every
+            // target is cooling (then the gateway's 429 says until when).
+            let tried: &[usize] = if exhausted { &[] } else { &failover.tried };
+            let choice = worker
+                .cooldowns
+                .try_borrow_mut()
+                .ok()?
+                .choose(model, now, tried);
+            if exhausted && matches!(choice, Choice::Target(_)) {
+                return None;
+            }
+            let next = match choice {
+                Choice::Target(next) => next,
+                Choice::AllCooling { retry_after_ms } => {
+                    let error = ApiError::all_targets_cooling(&model.alias, retry_after_ms);
+                    self.state = State::Answered;
+                    self.account.status = error.status;
+                    self.account.ended_ms = Some(now);
+                    send_error(host, stream, &error);
+                    return Some(Flow::Pause);
+                }
+            };
+            failover.tried.push(next);
+            if let Ok(mut metrics) = worker.metrics.try_borrow_mut() {
+                metrics.target(current, TargetEvent::Failover);
+                metrics.target(next, TargetEvent::Request);
+            }
+            match self.send_to(host, &worker, next) {
+                Ok(()) => return Some(Flow::Pause),
+                Err(why) => {
+                    log(
+                        host,
+                        Level::Warn,
+                        format_args!("request {}: no failover to target {next}: {why}", self.id),
+                    );
+                    if let Ok(mut cooldowns) = worker.cooldowns.try_borrow_mut() {
+                        cooldowns.record(host, config, next, Outcome::Failed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the request to another target by callout.
+    fn send_to(
+        &mut self,
+        host: &mut dyn Host,
+        worker: &Worker,
+        target: usize,
+    ) -> Result<(), String> {
+        let config = &worker.config;
+        let failover = self.failover.as_mut().ok_or("no failover")?;
+        let (forward, body) =
+            gateway::replay_to(config, &failover.replay, target).map_err(|e| e.message)?;
+        let token = match forward.token_credential() {
+            None => None,
+            Some(credential) => {
+                let tokens = worker.tokens.as_ref().ok_or("no token credentials")?;
+                match tokens
+                    .try_borrow_mut()
+                    .map_err(|_| "token state busy")?
+                    .lookup(host, credential)
+                {
+                    Lookup::Ready(token) => Some(token),
+                    _ => return Err("its upstream has no token yet".into()),
+                }
+            }
+        };
+        let caller_headers = headers::decode(&failover.request_headers).unwrap_or_default();
+        let pairs = forward.callout_headers(config, &caller_headers, token.as_ref(), body.len());
+        let refs: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let callout = host
+            .http_call(&Callout {
+                cluster: &forward.upstream.cluster,
+                headers: &refs,
+                body: Some(&body),
+                timeout_ms: FAILOVER_TIMEOUT_MS,
+            })
+            .map_err(|e| format!("{e:?}"))?;
+        failover.callout = Some(callout);
+        self.account.target = Some(target);
+        self.account.strip_usage = forward.strip_usage;
+        if let Some(translation) = &mut self.translation {
+            translation.upstream = forward.upstream.name.clone();
+        }
+        if !forward.upstream.is_azure() {
+            self.translation = None;
+        }
+        log(
+            host,
+            Level::Debug,
+            format_args!(
+                "request {}: failover to upstream `{}` {}",
+                self.id,
+                forward.upstream.name,
+                forward.path.split('?').next().unwrap_or_default()
+            ),
+        );
+        Ok(())
+    }
+
+    /// Gives the caller a failover target's answer, read whole: its usage
+    /// counted (and stripped), an Azure error translated.
+    fn deliver(
+        &mut self,
+        host: &mut dyn Host,
+        stream: &mut dyn Stream,
+        status: Option<u16>,
+        response_headers: &[Header<'_>],
+        mut body: Vec<u8>,
+    ) {
+        let now = host.now_ms();
+        self.state = State::Answered;
+        self.account.ended_ms = Some(now);
+        let Some(status) = status else {
+            let error = ApiError::upstream_unreachable();
+            self.account.status = error.status;
+            send_error(host, stream, &error);
+            return;
+        };
+        self.account.status = status;
+        let header = |name| headers::first(response_headers, name);
+        let content_type = header("content-type").unwrap_or_default();
+        let encoding = Encoding::of(header("content-encoding"));
+        if let (Some(op), Encoding::Identity) = (self.account.op, &encoding) {
+            let shape = if content_type.starts_with(b"application/json") {
+                Some(Shape::Json)
+            } else if content_type.starts_with(b"text/event-stream") {
+                Some(if op == Operation::Responses {
+                    Shape::ResponsesStream
+                } else {
+                    Shape::ChatStream
+                })
+            } else {
+                None
+            };
+            if let Some(shape) = shape {
+                let mut reader = UsageReader::new(
+                    shape,
+                    self.account.strip_usage && shape == Shape::ChatStream,
+                );
+                if let Some(stripped) = reader.feed(&body, true) {
+                    body = stripped;
+                }
+                self.account.usage = reader.usage();
+            }
+        }
+        let mut replaced = false;
+        if let Some(translation) = &self.translation {
+            let json = content_type.starts_with(b"application/json");
+            if json && upstream_errors::may_translate(status) {
+                if let Some((replacement, note)) = upstream_errors::translate(
+                    status,
+                    &body,
+                    &encoding,
+                    &translation.alias,
+                    &translation.upstream,
+                ) {
+                    log(
+                        host,
+                        Level::Warn,
+                        format_args!("request {}: {note}", self.id),
+                    );
+                    body = replacement;
+                    replaced = true;
+                }
+            }
+        }
+        const DROPPED: [&[u8]; 5] = [
+            b"content-length",
+            b"transfer-encoding",
+            b"connection",
+            b"keep-alive",
+            b"date",
+        ];
+        let passed: Vec<(&[u8], &[u8])> = response_headers
+            .iter()
+            .filter(|(name, _)| {
+                !name.starts_with(b":")
+                    && !name.starts_with(b"x-envoy-")
+                    && !DROPPED.contains(name)
+                    && (!replaced || *name != b"content-encoding")
+            })
+            .copied()
+            .collect();
+        send_reply(host, stream, status, &passed, &body);
     }
 
     /// An Azure error answer, held whole to be translated.
@@ -371,6 +653,7 @@ impl Exchange {
         let record = RequestRecord {
             caller: account.caller,
             model: account.model,
+            target: account.target,
             operation: account.op,
             status: account.status,
             usage: account.usage,
@@ -399,7 +682,18 @@ impl Exchange {
         let head = RequestHead::from_headers(&request_headers, !end_of_stream);
         let admitted = gateway::admit(config, &head)?;
         self.account.caller = Some(admitted.caller);
-        match gateway::plan(config, admitted)? {
+        let cooldowns = worker.cooldowns.try_borrow_mut();
+        let plan = match cooldowns {
+            Ok(mut cooldowns) => {
+                let mut chooser = PoolChooser {
+                    cooldowns: &mut cooldowns,
+                    now: self.account.started_ms,
+                };
+                gateway::plan(config, admitted, &mut chooser)?
+            }
+            Err(_) => gateway::plan(config, admitted, &mut gateway::FirstTarget)?,
+        };
+        match plan {
             Plan::Answer(status, body) => {
                 self.state = State::Answered;
                 self.account.status = status;
@@ -457,13 +751,58 @@ impl Exchange {
             stream: &mut *stream,
             len: body_size,
         };
-        let routed =
-            gateway::read_body(&worker.config, &pending, &mut reader, &mut body, complete)?;
+        let routed = match worker.cooldowns.try_borrow_mut() {
+            Ok(mut cooldowns) => {
+                let mut chooser = PoolChooser {
+                    cooldowns: &mut cooldowns,
+                    now: self.account.started_ms,
+                };
+                gateway::read_body(
+                    &worker.config,
+                    &pending,
+                    &mut reader,
+                    &mut body,
+                    complete,
+                    &mut chooser,
+                )?
+            }
+            Err(_) => gateway::read_body(
+                &worker.config,
+                &pending,
+                &mut reader,
+                &mut body,
+                complete,
+                &mut gateway::FirstTarget,
+            )?,
+        };
         let Some(forward) = routed else {
             self.state = State::AwaitingBody(pending, reader, encoded_headers);
             return Ok(Flow::Pause); // buffer until the whole body is in
         };
         self.release_watch();
+        // A pool's request keeps its body as sent, to send it again to
+        // another target should this one fail (read before it is edited).
+        if let (Some(model), Some(target)) = (pool_model(&worker, &forward), forward.target) {
+            let body = stream
+                .request_body(0, body_size)
+                .map_err(|_| ApiError::internal("could not read the request body"))?;
+            let boundary = match &reader {
+                BodyReader::Form { boundary, .. } => Some(boundary.clone()),
+                BodyReader::Json => None,
+            };
+            self.failover = Some(Failover {
+                replay: Replay {
+                    caller: pending.caller,
+                    model,
+                    op: pending.op,
+                    body,
+                    boundary,
+                },
+                request_headers: encoded_headers.clone(),
+                tried: vec![target],
+                callout: None,
+            });
+        }
         let request_headers = headers::decode(&encoded_headers).ok_or_else(unreadable_headers)?;
         if let Some(edit) = &forward.body_edit {
             stream
@@ -491,6 +830,12 @@ impl Exchange {
             .map(|(index, _)| index);
         self.account.op = forward.op.filter(|_| forward.model.is_some());
         self.account.strip_usage = forward.strip_usage;
+        self.account.target = forward.target;
+        if let Some(target) = forward.target {
+            if let Ok(mut metrics) = worker.metrics.try_borrow_mut() {
+                metrics.target(target, TargetEvent::Request);
+            }
+        }
         self.translation = forward
             .model
             .filter(|_| forward.upstream.is_azure())
@@ -628,6 +973,25 @@ impl BodySource for StreamBody<'_> {
             .request_body(start, len)
             .map_err(|_| ApiError::internal("could not read the request body"))
     }
+}
+
+/// How a target's answer counts for its cooldown.
+fn outcome_of(status: u16, response_headers: &[Header<'_>]) -> Outcome {
+    match status {
+        429 => Outcome::Throttled(retry_after_ms(
+            headers::first(response_headers, "retry-after-ms"),
+            headers::first(response_headers, "x-ms-retry-after-ms"),
+            headers::first(response_headers, "retry-after"),
+        )),
+        500 | 502 | 503 | 504 => Outcome::Failed,
+        _ => Outcome::Served,
+    }
+}
+
+/// The index of a request's model when it has several targets.
+fn pool_model(worker: &Worker, forward: &Forward<'_>) -> Option<usize> {
+    let model = forward.model.filter(|m| m.targets.len() > 1)?;
+    worker.config.model(&model.alias).map(|(index, _)| index)
 }
 
 fn unreadable_headers() -> ApiError {

@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::auth::{authenticate, presented_key};
 use crate::body::{
     boundary, json_edit, multipart_model_edit, read_request, BodyEdit, BodySource, FormScanner,
+    JsonRequest,
 };
 use crate::config::{Caller, Config, Model, Upstream, UpstreamAuth};
 use crate::errors::ApiError;
@@ -110,8 +111,10 @@ pub struct Forward<'c> {
     /// The new `:path`, query included.
     pub path: String,
     pub caller: &'c str,
-    /// The alias asked for and its deployment (None for stored responses).
+    /// The alias asked for (None for stored responses).
     pub model: Option<&'c Model>,
+    /// The target chosen for it (index into `Config::targets`).
+    pub target: Option<usize>,
     /// The body's `model` rewritten to the deployment, when the upstream
     /// reads it from there (and `stream_options` the filter added).
     pub body_edit: Option<BodyEdit>,
@@ -120,10 +123,34 @@ pub struct Forward<'c> {
     /// The filter asked for the stream's usage, which the caller had not:
     /// what that adds to the stream is taken out of it.
     pub strip_usage: bool,
+    /// `x-ms-spillover-deployment` for the target, if it has one.
+    pub spillover: Option<&'c str>,
+}
+
+/// Picks a model's target (for pools: by priority, weight and cooldown).
+pub trait Chooser {
+    /// A target of `model` (index into `Config::targets`), or why none.
+    fn choose(&mut self, config: &Config, model: &Model) -> Result<usize, ApiError>;
+}
+
+/// The first target of every model: for single-target models and tests.
+pub struct FirstTarget;
+
+impl Chooser for FirstTarget {
+    fn choose(&mut self, _config: &Config, model: &Model) -> Result<usize, ApiError> {
+        model
+            .primary()
+            .map(|t| t.target)
+            .ok_or_else(|| ApiError::internal("a model without targets"))
+    }
 }
 
 /// Header phase, after [`admit`].
-pub fn plan(config: &Config, admitted: Admitted) -> Result<Plan<'_>, ApiError> {
+pub fn plan<'c>(
+    config: &'c Config,
+    admitted: Admitted,
+    chooser: &mut dyn Chooser,
+) -> Result<Plan<'c>, ApiError> {
     let caller = config
         .caller(admitted.caller)
         .ok_or_else(|| ApiError::internal("unknown caller"))?;
@@ -140,32 +167,42 @@ pub fn plan(config: &Config, admitted: Admitted) -> Result<Plan<'_>, ApiError> {
         })),
         Inbound::Deployment { op, alias } => {
             let (index, model) = resolve(config, caller, &alias)?;
-            let upstream = upstream_of(config, model)?;
-            // The body is read where the model goes there, and where a
-            // stream may have to be asked for its usage.
-            if upstream.model_in_body(op) || upstream.takes_include_usage(op) {
+            // The body is read where the model goes there, where a stream
+            // may have to be asked for its usage, and where another target
+            // may have to be sent it again.
+            let needs_body = model.targets.len() > 1
+                || model.targets.iter().any(|t| {
+                    config
+                        .target_upstream(t.target)
+                        .is_some_and(|(_, upstream)| {
+                            upstream.model_in_body(op) || upstream.takes_include_usage(op)
+                        })
+                });
+            if needs_body {
                 return Ok(Plan::ReadBody(Pending {
                     caller: admitted.caller,
                     op,
                     model: Some(index),
                 }));
             }
-            Ok(Plan::Forward(Forward {
-                upstream,
-                path: upstream.operation_path(op, &model.deployment),
-                caller: &caller.name,
-                model: Some(model),
-                body_edit: None,
-                op: Some(op),
-                strip_usage: false,
-            }))
+            let target = chooser.choose(config, model)?;
+            Ok(Plan::Forward(forward_to(
+                config, caller, model, target, op, None, false,
+            )?))
         }
         Inbound::StoredResponse { id, tail, query } => {
             // Stored responses live on one upstream; a caller reaches them
             // if it may use a model there.
+            let on_upstream = |u: usize| {
+                config.models_of(caller).any(|m| {
+                    m.targets
+                        .iter()
+                        .any(|t| config.target(t.target).is_some_and(|t| t.upstream == u))
+                })
+            };
             let upstream = config
                 .responses_upstream
-                .filter(|&u| config.models_of(caller).any(|m| m.upstream == u))
+                .filter(|&u| on_upstream(u))
                 .and_then(|u| config.upstream(u))
                 .ok_or_else(|| ApiError::response_not_found(&id))?;
             Ok(Plan::Forward(Forward {
@@ -173,12 +210,45 @@ pub fn plan(config: &Config, admitted: Admitted) -> Result<Plan<'_>, ApiError> {
                 path: upstream.stored_response_path(&id, tail, &query),
                 caller: &caller.name,
                 model: None,
+                target: None,
                 body_edit: None,
                 op: None,
                 strip_usage: false,
+                spillover: None,
             }))
         }
     }
+}
+
+/// A request for `model` to one of its targets.
+fn forward_to<'c>(
+    config: &'c Config,
+    caller: &'c Caller,
+    model: &'c Model,
+    target: usize,
+    op: Operation,
+    body_edit: Option<BodyEdit>,
+    strip_usage: bool,
+) -> Result<Forward<'c>, ApiError> {
+    let (chosen, upstream) = config
+        .target_upstream(target)
+        .ok_or_else(|| ApiError::internal("unknown target"))?;
+    let spillover = model
+        .targets
+        .iter()
+        .find(|t| t.target == target)
+        .and_then(|t| t.spillover.as_deref());
+    Ok(Forward {
+        upstream,
+        path: upstream.operation_path(op, &chosen.deployment),
+        caller: &caller.name,
+        model: Some(model),
+        target: Some(target),
+        body_edit,
+        op: Some(op),
+        strip_usage,
+        spillover,
+    })
 }
 
 /// How a held request's body is read as it arrives.
@@ -218,21 +288,21 @@ impl BodyReader {
 /// it so far, `complete` once it is whole): refuses as soon as the request
 /// cannot go (too large, a malformed form, a model the caller may not
 /// use), and once the body is complete says where it goes: model,
-/// allowlist, upstream path, and the body edit the upstream needs.
+/// allowlist, target, upstream path, and the body edit the upstream needs.
 pub fn read_body<'c>(
     config: &'c Config,
     pending: &Pending,
     reader: &mut BodyReader,
     body: &mut dyn BodySource,
     complete: bool,
+    chooser: &mut dyn Chooser,
 ) -> Result<Option<Forward<'c>>, ApiError> {
     check_body_size(config, body.len())?;
     let caller = config
         .caller(pending.caller)
         .ok_or_else(|| ApiError::internal("unknown caller"))?;
     let from_path = pending.model.and_then(|i| config.models.get(i));
-    let mut strip_usage = false;
-    let (model, body_edit) = match reader {
+    let model = match reader {
         BodyReader::Json => {
             if !complete {
                 return Ok(None);
@@ -245,21 +315,13 @@ pub fn read_body<'c>(
                 (None, Some(alias)) => resolve(config, caller, alias)?.1,
                 (None, None) => return Err(ApiError::missing_model()),
             };
-            let upstream = upstream_of(config, model)?;
-            // A stream is asked for its usage, so that it is counted.
-            strip_usage = request.stream
-                && !request.asks_for_usage()
-                && upstream.takes_include_usage(pending.op);
-            let deployment = upstream
-                .model_in_body(pending.op)
-                .then_some(model.deployment.as_str());
-            let edit = json_edit(&bytes, &request, deployment, strip_usage);
-            (model, edit)
+            let target = chooser.choose(config, model)?;
+            return json_forward(config, caller, model, target, pending.op, &bytes, &request)
+                .map(Some);
         }
-        BodyReader::Form { boundary, scanner } => {
+        BodyReader::Form { scanner, .. } => {
             scanner.advance(body, complete)?;
-            let field = scanner.field();
-            let model = match (from_path, field) {
+            match (from_path, scanner.field()) {
                 (Some(model), _) => model,
                 // Checked as soon as the field is read, whole body or not.
                 (None, Some(field)) => resolve(config, caller, &field.value)?.1,
@@ -267,34 +329,147 @@ pub fn read_body<'c>(
                     return Err(ApiError::invalid_multipart("the form has no `model` field"))
                 }
                 (None, None) => return Ok(None),
-            };
-            if !complete {
-                return Ok(None);
             }
-            let upstream = upstream_of(config, model)?;
-            let edit = if upstream.model_in_body(pending.op) {
-                Some(multipart_model_edit(
-                    body,
-                    boundary,
-                    field,
-                    &model.deployment,
-                )?)
-            } else {
-                None
-            };
-            (model, edit)
         }
     };
-    let upstream = upstream_of(config, model)?;
-    Ok(Some(Forward {
-        upstream,
-        path: upstream.operation_path(pending.op, &model.deployment),
-        caller: &caller.name,
-        model: Some(model),
-        body_edit,
-        op: Some(pending.op),
-        strip_usage,
-    }))
+    if !complete {
+        return Ok(None);
+    }
+    let BodyReader::Form { boundary, scanner } = reader else {
+        return Err(ApiError::internal("not a form"));
+    };
+    let target = chooser.choose(config, model)?;
+    form_forward(
+        config,
+        caller,
+        model,
+        target,
+        pending.op,
+        body,
+        boundary,
+        scanner.field(),
+    )
+    .map(Some)
+}
+
+/// A JSON request to a target: `model` rewritten where the upstream reads
+/// it, a stream asked for its usage where the caller did not.
+fn json_forward<'c>(
+    config: &'c Config,
+    caller: &'c Caller,
+    model: &'c Model,
+    target: usize,
+    op: Operation,
+    bytes: &[u8],
+    request: &JsonRequest<'_>,
+) -> Result<Forward<'c>, ApiError> {
+    let (chosen, upstream) = config
+        .target_upstream(target)
+        .ok_or_else(|| ApiError::internal("unknown target"))?;
+    // A stream is asked for its usage, so that it is counted.
+    let strip_usage =
+        request.stream && !request.asks_for_usage() && upstream.takes_include_usage(op);
+    let deployment = upstream
+        .model_in_body(op)
+        .then_some(chosen.deployment.as_str());
+    let edit = json_edit(bytes, request, deployment, strip_usage);
+    forward_to(config, caller, model, target, op, edit, strip_usage)
+}
+
+/// A form to a target: its `model` field rewritten where the upstream
+/// reads it.
+#[allow(clippy::too_many_arguments)]
+fn form_forward<'c>(
+    config: &'c Config,
+    caller: &'c Caller,
+    model: &'c Model,
+    target: usize,
+    op: Operation,
+    body: &mut dyn BodySource,
+    boundary: &[u8],
+    field: Option<&crate::body::FormField>,
+) -> Result<Forward<'c>, ApiError> {
+    let (chosen, upstream) = config
+        .target_upstream(target)
+        .ok_or_else(|| ApiError::internal("unknown target"))?;
+    let edit = if upstream.model_in_body(op) {
+        Some(multipart_model_edit(
+            body,
+            boundary,
+            field,
+            &chosen.deployment,
+        )?)
+    } else {
+        None
+    };
+    forward_to(config, caller, model, target, op, edit, false)
+}
+
+/// What a request needs to be sent again to another of its model's
+/// targets (failover): its body as the caller sent it.
+#[derive(Debug)]
+pub struct Replay {
+    pub caller: usize,
+    pub model: usize,
+    pub op: Operation,
+    pub body: Vec<u8>,
+    /// A form's boundary; None for JSON.
+    pub boundary: Option<Vec<u8>>,
+}
+
+/// The request `replay` makes to another target, and the whole body it
+/// sends there.
+pub fn replay_to<'c>(
+    config: &'c Config,
+    replay: &Replay,
+    target: usize,
+) -> Result<(Forward<'c>, Vec<u8>), ApiError> {
+    let caller = config
+        .caller(replay.caller)
+        .ok_or_else(|| ApiError::internal("unknown caller"))?;
+    let model = config
+        .models
+        .get(replay.model)
+        .ok_or_else(|| ApiError::internal("unknown model"))?;
+    let forward = match &replay.boundary {
+        None => {
+            let request = read_request(&replay.body)?;
+            json_forward(
+                config,
+                caller,
+                model,
+                target,
+                replay.op,
+                &replay.body,
+                &request,
+            )?
+        }
+        Some(boundary) => {
+            let mut body: &[u8] = &replay.body;
+            let mut scanner = FormScanner::new(boundary);
+            scanner.advance(&mut body, true)?;
+            let mut body: &[u8] = &replay.body;
+            form_forward(
+                config,
+                caller,
+                model,
+                target,
+                replay.op,
+                &mut body,
+                boundary,
+                scanner.field(),
+            )?
+        }
+    };
+    let sent = match &forward.body_edit {
+        None => replay.body.clone(),
+        Some(edit) => {
+            let mut sent = edit.with.clone();
+            sent.extend_from_slice(replay.body.get(edit.replace..).unwrap_or_default());
+            sent
+        }
+    };
+    Ok((forward, sent))
 }
 
 /// The model an alias names, if the caller may use it. Unknown and
@@ -308,12 +483,6 @@ fn resolve<'c>(
         .model(alias)
         .filter(|(index, _)| caller.may_use(*index))
         .ok_or_else(|| ApiError::model_not_found(alias))
-}
-
-fn upstream_of<'c>(config: &'c Config, model: &Model) -> Result<&'c Upstream, ApiError> {
-    config
-        .upstream(model.upstream)
-        .ok_or_else(|| ApiError::internal("unknown upstream"))
 }
 
 /// OpenAI's model object, for the caller's own aliases.
@@ -355,7 +524,7 @@ fn json_bytes(value: &impl Serialize) -> Vec<u8> {
 /// A change to the request headers before it goes upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeaderEdit<'a> {
-    Remove(&'static str),
+    Remove(Cow<'a, str>),
     /// Replaces every value the header had.
     Set(Cow<'a, str>, Cow<'a, [u8]>),
 }
@@ -363,7 +532,7 @@ pub enum HeaderEdit<'a> {
 impl HeaderEdit<'_> {
     pub fn into_owned(self) -> HeaderEdit<'static> {
         match self {
-            HeaderEdit::Remove(name) => HeaderEdit::Remove(name),
+            HeaderEdit::Remove(name) => HeaderEdit::Remove(Cow::Owned(name.into_owned())),
             HeaderEdit::Set(name, value) => HeaderEdit::Set(
                 Cow::Owned(name.into_owned()),
                 Cow::Owned(value.into_owned()),
@@ -427,7 +596,17 @@ impl Forward<'_> {
         let mut edits = Vec::with_capacity(8);
         for name in CALLER_CREDENTIAL_HEADERS {
             if name != overwritten && headers::first(caller, name).is_some() {
-                edits.push(HeaderEdit::Remove(name));
+                edits.push(HeaderEdit::Remove(Cow::Borrowed(name)));
+            }
+        }
+        // Headers that steer Azure (`x-ms-spillover-deployment`, ...) are
+        // the operator's to set, not the caller's.
+        for (name, _) in caller {
+            if name.starts_with(b"x-ms-") {
+                let name = String::from_utf8_lossy(name).into_owned();
+                if !edits.contains(&HeaderEdit::Remove(Cow::Borrowed(name.as_str()))) {
+                    edits.push(HeaderEdit::Remove(Cow::Owned(name)));
+                }
             }
         }
         let mut set = |name: &'a str, value: &'a str| {
@@ -451,8 +630,79 @@ impl Forward<'_> {
                 ));
             }
         }
+        if let Some(spillover) = self.spillover {
+            edits.push(HeaderEdit::Set(
+                Cow::Borrowed("x-ms-spillover-deployment"),
+                Cow::Borrowed(spillover.as_bytes()),
+            ));
+        }
         edits.extend(credential);
         edits
+    }
+
+    /// The headers of this request sent by callout (to another target,
+    /// after a failure): the caller's, less what never goes upstream
+    /// (credentials, hop-by-hop and Envoy's own headers, the framing, what
+    /// steers Azure), then the same edits as [`Forward::header_edits`].
+    pub fn callout_headers(
+        &self,
+        config: &Config,
+        caller: &[Header<'_>],
+        token: Option<&Secret>,
+        body_len: usize,
+    ) -> Vec<(String, String)> {
+        const DROPPED: [&str; 12] = [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "content-length",
+            "expect",
+            "host",
+            "accept-encoding",
+            "x-ms-spillover-deployment",
+        ];
+        let mut out: Vec<(String, String)> = caller
+            .iter()
+            .filter(|(name, _)| {
+                !name.starts_with(b":")
+                    && !name.starts_with(b"x-envoy-")
+                    && !name.starts_with(b"x-ms-")
+                    && !DROPPED.iter().any(|d| d.as_bytes() == *name)
+                    && !CALLER_CREDENTIAL_HEADERS
+                        .iter()
+                        .any(|c| c.as_bytes() == *name)
+                    && *name != config.cluster_header.as_bytes()
+            })
+            .filter_map(|(name, value)| {
+                Some((
+                    std::str::from_utf8(name).ok()?.to_string(),
+                    std::str::from_utf8(value).ok()?.to_string(),
+                ))
+            })
+            .collect();
+        let method = headers::first(caller, ":method").unwrap_or(b"POST");
+        out.push((
+            ":method".into(),
+            String::from_utf8_lossy(method).into_owned(),
+        ));
+        for edit in self.header_edits(config, &[], token) {
+            match edit {
+                HeaderEdit::Set(name, value) if name != config.cluster_header.as_str() => {
+                    out.retain(|(n, _)| *n != name);
+                    out.push((
+                        name.into_owned(),
+                        String::from_utf8_lossy(&value).into_owned(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        out.push(("content-length".into(), body_len.to_string()));
+        out
     }
 }
 

@@ -76,6 +76,14 @@ pub struct CalloutResponse {
     pub body: Vec<u8>,
 }
 
+/// A callout's answer as a request context gets it: headers (encoded;
+/// empty when the connection closed before any came) and body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CalloutReply {
+    pub headers: Vec<u8>,
+    pub body: Vec<u8>,
+}
+
 /// What one VM has from the proxy.
 pub trait Host {
     /// Milliseconds since the Unix epoch.
@@ -88,8 +96,9 @@ pub trait Host {
     /// its version).
     fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Write;
 
-    /// Sends a callout from the VM's root; its answer comes back (with the
-    /// id returned) through the root.
+    /// Sends a callout; its answer comes back (with the id returned) to the
+    /// context that sent it: the root, or the request whose callback this
+    /// is.
     fn http_call(&mut self, callout: &Callout<'_>) -> Result<u32, CalloutError>;
 
     /// Defines a metric (once per VM per name) and returns its id.

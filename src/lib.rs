@@ -27,6 +27,7 @@ mod headers;
 mod host_api;
 mod json;
 mod metrics;
+mod pool;
 mod routes;
 mod secret;
 mod stats;

@@ -35,8 +35,10 @@ pub const UNKNOWN: &str = "-";
 #[derive(Debug, Clone, Default)]
 pub struct RequestRecord {
     pub caller: Option<usize>,
-    /// The model alias; its upstream and deployment come with it.
+    /// The model alias.
     pub model: Option<usize>,
+    /// The target it went to: its upstream and deployment.
+    pub target: Option<usize>,
     pub operation: Option<Operation>,
     /// The status the caller got (0: none, the caller left first).
     pub status: u16,
@@ -86,6 +88,7 @@ impl Histogram {
 struct RequestKey {
     caller: Option<usize>,
     model: Option<usize>,
+    target: Option<usize>,
     operation: Option<usize>,
     status: u16,
 }
@@ -102,9 +105,38 @@ struct ModelStats {
 struct Gauge {
     id: Option<u32>,
     pending: Option<u64>,
+    /// The value last set (set again only when it changes).
+    last: Option<u64>,
 }
 
 const TOKEN_TYPES: [&str; 4] = ["input", "output", "cached_input", "reasoning_output"];
+
+/// What happened at a target of a pool, for its counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetEvent {
+    /// A request (or a failover attempt) was sent to it.
+    Request,
+    /// It answered 429.
+    Throttled,
+    /// A request left it for another target.
+    Failover,
+}
+
+const TARGET_COUNTERS: [(TargetEvent, &str); 3] = [
+    (TargetEvent::Request, "azure_openai_target_requests_total"),
+    (
+        TargetEvent::Throttled,
+        "azure_openai_target_throttled_total",
+    ),
+    (TargetEvent::Failover, "azure_openai_target_failovers_total"),
+];
+
+/// A target's counters and its cooling gauge.
+#[derive(Debug, Default)]
+struct TargetStats {
+    counts: [Count; 3],
+    cooling: Gauge,
+}
 
 /// The VM's metrics, between two flushes; keyed by configuration indices,
 /// so a request costs a map lookup and a few additions. Names are written
@@ -112,9 +144,12 @@ const TOKEN_TYPES: [&str; 4] = ["input", "output", "cached_input", "reasoning_ou
 #[derive(Debug, Default)]
 pub struct Recorder {
     requests: BTreeMap<RequestKey, Count>,
-    models: BTreeMap<(Option<usize>, usize), ModelStats>,
-    /// Remaining requests and tokens, per model (its deployment).
+    /// Per caller, model and target.
+    models: BTreeMap<(Option<usize>, usize, Option<usize>), ModelStats>,
+    /// Remaining requests and tokens, per target.
     remaining: BTreeMap<usize, [Gauge; 2]>,
+    /// Per target of a pool.
+    targets: BTreeMap<usize, TargetStats>,
     dirty: bool,
 }
 
@@ -132,15 +167,19 @@ fn stat_name(name: &str, labels: &[(&str, &str)]) -> String {
     out
 }
 
-/// The label values of a model: alias, upstream, deployment.
-fn model_labels(config: &Config, model: Option<usize>) -> (&str, &str, &str) {
-    let Some(model) = model.and_then(|m| config.models.get(m)) else {
-        return (UNKNOWN, UNKNOWN, UNKNOWN);
-    };
-    let upstream = config
-        .upstream(model.upstream)
-        .map_or(UNKNOWN, |u| u.name.as_str());
-    (&model.alias, upstream, &model.deployment)
+/// The label values of a model and target: alias, upstream, deployment.
+fn model_labels(
+    config: &Config,
+    model: Option<usize>,
+    target: Option<usize>,
+) -> (&str, &str, &str) {
+    let alias = model
+        .and_then(|m| config.models.get(m))
+        .map_or(UNKNOWN, |m| m.alias.as_str());
+    match target.and_then(|t| config.target_upstream(t)) {
+        Some((target, upstream)) => (alias, &upstream.name, &target.deployment),
+        None => (alias, UNKNOWN, UNKNOWN),
+    }
 }
 
 fn caller_label(config: &Config, caller: Option<usize>) -> &str {
@@ -155,6 +194,7 @@ impl Recorder {
         let key = RequestKey {
             caller: request.caller,
             model: request.model,
+            target: request.target,
             operation: request.operation.map(Operation::index),
             status: request.status,
         };
@@ -163,7 +203,10 @@ impl Recorder {
         let Some(model) = request.model else {
             return;
         };
-        let stats = self.models.entry((request.caller, model)).or_default();
+        let stats = self
+            .models
+            .entry((request.caller, model, request.target))
+            .or_default();
         if let Some(usage) = request.usage {
             let counts = [
                 usage.input,
@@ -181,12 +224,36 @@ impl Recorder {
         }
     }
 
-    /// The latest of Azure's remaining-quota headers for a model's deployment.
-    pub fn remaining(&mut self, model: usize, requests: Option<u64>, tokens: Option<u64>) {
-        let gauges = self.remaining.entry(model).or_default();
+    /// The latest of Azure's remaining-quota headers for a target.
+    pub fn remaining(&mut self, target: usize, requests: Option<u64>, tokens: Option<u64>) {
+        let gauges = self.remaining.entry(target).or_default();
         for (gauge, value) in gauges.iter_mut().zip([requests, tokens]) {
             if value.is_some() {
                 gauge.pending = value;
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Counts an event at a target.
+    pub fn target(&mut self, target: usize, event: TargetEvent) {
+        let stats = self.targets.entry(target).or_default();
+        if let Some(i) = TARGET_COUNTERS.iter().position(|(e, _)| *e == event) {
+            if let Some(count) = stats.counts.get_mut(i) {
+                count.add(1);
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Whether each target of a pool is cooling down right now (the tick).
+    pub fn cooling(&mut self, cooldowns: &crate::pool::Cooldowns, now: u64, targets: usize) {
+        for target in 0..targets {
+            let cooling = u64::from(cooldowns.is_cooling(target, now));
+            let stats = self.targets.entry(target).or_default();
+            if stats.cooling.last != Some(cooling) {
+                stats.cooling.pending = Some(cooling);
+                stats.cooling.last = Some(cooling);
                 self.dirty = true;
             }
         }
@@ -205,7 +272,7 @@ impl Recorder {
         }
         for (key, count) in &mut self.requests {
             flush_count(host, count, || {
-                let (model, upstream, deployment) = model_labels(config, key.model);
+                let (model, upstream, deployment) = model_labels(config, key.model, key.target);
                 let operation = key
                     .operation
                     .and_then(|i| Operation::ALL.get(i))
@@ -223,9 +290,9 @@ impl Recorder {
                 )
             });
         }
-        for ((caller, model), stats) in &mut self.models {
+        for ((caller, model, target), stats) in &mut self.models {
             let caller = caller_label(config, *caller);
-            let (alias, upstream, deployment) = model_labels(config, Some(*model));
+            let (alias, upstream, deployment) = model_labels(config, Some(*model), *target);
             for (count, kind) in stats.tokens.iter_mut().zip(TOKEN_TYPES) {
                 flush_count(host, count, || {
                     stat_name(
@@ -252,8 +319,21 @@ impl Recorder {
                 flush_histogram(host, name, &labels, histogram);
             }
         }
-        for (model, gauges) in &mut self.remaining {
-            let (_, upstream, deployment) = model_labels(config, Some(*model));
+        for (target, stats) in &mut self.targets {
+            let (_, upstream, deployment) = model_labels(config, None, Some(*target));
+            let labels = [("upstream", upstream), ("deployment", deployment)];
+            for (count, (_, name)) in stats.counts.iter_mut().zip(TARGET_COUNTERS) {
+                flush_count(host, count, || stat_name(name, &labels));
+            }
+            if let Some(value) = stats.cooling.pending.take() {
+                let name = stat_name("azure_openai_target_cooling", &labels);
+                if let Some(id) = define(host, &mut stats.cooling.id, MetricKind::Gauge, &name) {
+                    host.set_metric(id, value);
+                }
+            }
+        }
+        for (target, gauges) in &mut self.remaining {
+            let (_, upstream, deployment) = model_labels(config, None, Some(*target));
             let labels = [("upstream", upstream), ("deployment", deployment)];
             for (gauge, name) in gauges.iter_mut().zip([
                 "azure_openai_ratelimit_remaining_requests",
@@ -345,6 +425,7 @@ mod tests {
         RequestRecord {
             caller: Some(0),
             model: Some(0),
+            target: Some(0),
             operation: Some(Operation::ChatCompletions),
             status,
             usage,

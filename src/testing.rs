@@ -35,6 +35,14 @@ impl World {
         self.clock_ms.set(self.clock_ms.get() + ms);
     }
 
+    pub fn shared(&self, key: &str) -> Option<Vec<u8>> {
+        self.shared.borrow().get(key).map(|(v, _)| v.clone())
+    }
+
+    pub fn shared_keys(&self) -> Vec<String> {
+        self.shared.borrow().keys().cloned().collect()
+    }
+
     pub fn stat(&self, name: &str) -> i64 {
         self.stats.borrow().get(name).copied().unwrap_or(0)
     }

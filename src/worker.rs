@@ -16,11 +16,14 @@ use crate::errors::ApiError;
 use crate::gateway::HeaderEdit;
 use crate::host_api::{log, CalloutResponse, Host, HostError, Level, Stream};
 use crate::metrics::Recorder;
+use crate::pool::Cooldowns;
 use crate::token::{Settlement, Tokens, MAX_TOKEN_RESPONSE_BYTES};
 
 /// The root ticks at least this often: to flush the metrics counted in the
 /// VM, and to answer requests whose body never came.
 pub const METRICS_TICK_MS: u32 = 1_000;
+/// With pools, the tick reads the other workers' cooldowns this often.
+pub const POOL_TICK_MS: u32 = 250;
 
 pub struct Worker {
     pub config: Rc<Config>,
@@ -28,6 +31,11 @@ pub struct Worker {
     pub tokens: Option<RefCell<Tokens>>,
     pub body_watch: RefCell<BodyWatch>,
     pub metrics: RefCell<Recorder>,
+    /// The pools' cooldowns, as this worker knows them.
+    pub cooldowns: RefCell<Cooldowns>,
+    /// Whether some model has several targets (whose cooldowns are read on
+    /// every tick).
+    pools: bool,
     /// The missing-flag error has been logged (once per VM).
     reported_missing_flag: Cell<bool>,
 }
@@ -60,7 +68,10 @@ impl Worker {
             tokens.create_shared_entries(host);
             RefCell::new(tokens)
         });
+        let pools = config.models.iter().any(|m| m.targets.len() > 1);
         let worker = Worker {
+            cooldowns: RefCell::new(Cooldowns::new(&config, seed)),
+            pools,
             config,
             tokens,
             body_watch: RefCell::new(BodyWatch::default()),
@@ -75,6 +86,14 @@ impl Worker {
     /// The root's tick: token work, and requests whose body never came.
     /// A busy borrow skips the work until the next tick.
     pub fn on_tick(&self, host: &mut dyn Host) -> Vec<Chore> {
+        if self.pools {
+            if let Ok(mut cooldowns) = self.cooldowns.try_borrow_mut() {
+                cooldowns.refresh(host, &self.config);
+                if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
+                    metrics.cooling(&cooldowns, host.now_ms(), self.config.targets.len());
+                }
+            }
+        }
         if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
             metrics.flush(host, &self.config);
         }
@@ -124,7 +143,11 @@ impl Worker {
     /// shortens it to be served at once, and this puts it back. The tick
     /// always runs, at least to flush the metrics.
     pub fn schedule_tick(&self, host: &mut dyn Host) {
-        let mut period = METRICS_TICK_MS;
+        let mut period = if self.pools {
+            POOL_TICK_MS
+        } else {
+            METRICS_TICK_MS
+        };
         if let Some(tokens) = &self.tokens {
             match tokens.try_borrow() {
                 Ok(tokens) => period = period.min(tokens.tick_period_ms()),

@@ -7,10 +7,10 @@ mod multipart;
 
 #[cfg(test)]
 pub use json::find_model;
-pub use json::{json_edit, read_request};
+pub use json::{json_edit, read_request, JsonRequest};
 #[cfg(test)]
 pub use multipart::find_field;
-pub use multipart::{boundary, multipart_model_edit, FormScanner};
+pub use multipart::{boundary, multipart_model_edit, FormField, FormScanner};
 
 use crate::errors::ApiError;
 

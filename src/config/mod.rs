@@ -70,6 +70,8 @@ pub struct Config {
     pub max_request_body_bytes: usize,
     pub upstreams: Vec<Upstream>,
     pub models: Vec<Model>,
+    /// Every deployment some model uses, once.
+    pub targets: Vec<Target>,
     pub callers: Vec<Caller>,
     /// Token credentials, shared by upstreams with the same identity.
     pub credentials: Vec<Credential>,
@@ -81,10 +83,43 @@ pub struct Config {
 #[derive(Debug)]
 pub struct Model {
     pub alias: String,
+    /// Where requests for it go (at least one): lower priority first,
+    /// weighted within a priority.
+    pub targets: Vec<ModelTarget>,
+}
+
+/// A deployment on an upstream. Aliases that name the same one share it,
+/// and with it its cooldown.
+#[derive(Debug)]
+pub struct Target {
     /// Index into `Config::upstreams`.
     pub upstream: usize,
     pub deployment: String,
+    /// Shared-data key of its cooldown (the same in every worker).
+    pub cooldown_key: String,
 }
+
+/// A target as one model uses it.
+#[derive(Debug, Clone)]
+pub struct ModelTarget {
+    /// Index into `Config::targets`.
+    pub target: usize,
+    pub priority: u32,
+    pub weight: u32,
+    /// Sent as `x-ms-spillover-deployment`: Azure overflows a provisioned
+    /// deployment to this one.
+    pub spillover: Option<String>,
+}
+
+impl Model {
+    /// The first target, which a single-target model has alone.
+    pub fn primary(&self) -> Option<&ModelTarget> {
+        self.targets.first()
+    }
+}
+
+/// Weights are 1 to this (a relative share within a priority).
+const MAX_WEIGHT: u64 = 1_000_000;
 
 #[derive(Debug)]
 pub struct Caller {
@@ -158,6 +193,16 @@ impl Config {
     pub fn credential(&self, index: usize) -> Option<&Credential> {
         self.credentials.get(index)
     }
+
+    pub fn target(&self, index: usize) -> Option<&Target> {
+        self.targets.get(index)
+    }
+
+    /// A target and its upstream.
+    pub fn target_upstream(&self, index: usize) -> Option<(&Target, &Upstream)> {
+        let target = self.targets.get(index)?;
+        Some((target, self.upstreams.get(target.upstream)?))
+    }
 }
 
 fn validate(raw: RawConfig, env: Env) -> Result<Config, ConfigError> {
@@ -184,13 +229,15 @@ fn validate(raw: RawConfig, env: Env) -> Result<Config, ConfigError> {
         // With one upstream there is no doubt where responses live.
         None => (upstreams.len() == 1).then_some(0),
     };
-    let (models, model_index) = validate_models(raw.models, &upstreams)?;
+    let mut targets = Vec::new();
+    let (models, model_index) = validate_models(raw.models, &upstreams, &mut targets)?;
     let callers = validate_callers(raw.callers, &model_index)?;
     Ok(Config {
         cluster_header,
         max_request_body_bytes,
         upstreams,
         models,
+        targets,
         callers,
         credentials,
         responses_upstream,
@@ -237,6 +284,7 @@ fn validate_upstreams(
 fn validate_models(
     raw: Vec<(String, RawModel)>,
     upstreams: &[Upstream],
+    targets: &mut Vec<Target>,
 ) -> Result<(Vec<Model>, BTreeMap<String, usize>), ConfigError> {
     if raw.is_empty() {
         return Err(error(
@@ -247,7 +295,7 @@ fn validate_models(
     let mut models = Vec::with_capacity(raw.len());
     let mut model_index = BTreeMap::new();
     for (alias, model) in raw {
-        let model = validate_model(alias, model, upstreams)?;
+        let model = validate_model(alias, model, upstreams, targets)?;
         model_index.insert(model.alias.clone(), models.len());
         models.push(model);
     }
@@ -341,6 +389,7 @@ fn validate_model(
     alias: String,
     raw: RawModel,
     upstreams: &[Upstream],
+    targets: &mut Vec<Target>,
 ) -> Result<Model, ConfigError> {
     let path = format!("models.{alias}");
     if alias.is_empty() || alias != alias.trim() || alias.chars().any(char::is_control) {
@@ -356,17 +405,95 @@ fn validate_model(
         ));
     }
     check_label(&path, &alias)?;
-    check_label(&format!("{path}.deployment"), &raw.deployment)?;
-    let upstream = upstream_index(upstreams, &format!("{path}.upstream"), &raw.upstream)?;
-    let in_path = matches!(
-        upstreams.get(upstream).map(|u| &u.flavor),
-        Some(Flavor::AzureDeployments { .. })
-    );
-    check_deployment(&format!("{path}.deployment"), &raw.deployment, in_path)?;
+    let mut model_targets: Vec<ModelTarget> = Vec::with_capacity(raw.targets.len());
+    for raw in raw.targets {
+        let model_target = validate_target(raw, upstreams, targets)?;
+        model_targets.push(model_target);
+    }
+    for (i, a) in model_targets.iter().enumerate() {
+        if let Some(j) = model_targets
+            .iter()
+            .skip(i + 1)
+            .position(|b| b.target == a.target)
+        {
+            return Err(error(
+                format!("{path}.targets[{}]", i + 1 + j),
+                format!("the same upstream and deployment as {path}.targets[{i}]"),
+            ));
+        }
+    }
     Ok(Model {
         alias,
-        upstream,
-        deployment: raw.deployment,
+        targets: model_targets,
+    })
+}
+
+/// A target of a model; the same upstream and deployment is one target for
+/// every model that names it.
+fn validate_target(
+    raw: raw::RawTarget,
+    upstreams: &[Upstream],
+    targets: &mut Vec<Target>,
+) -> Result<ModelTarget, ConfigError> {
+    let path = raw.path;
+    check_label(&format!("{path}.deployment"), &raw.deployment)?;
+    let upstream = upstream_index(upstreams, &format!("{path}.upstream"), &raw.upstream)?;
+    let flavor = upstreams.get(upstream).map(|u| &u.flavor);
+    let in_path = matches!(flavor, Some(Flavor::AzureDeployments { .. }));
+    check_deployment(&format!("{path}.deployment"), &raw.deployment, in_path)?;
+    if let Some(spillover) = &raw.spillover_deployment {
+        let field = format!("{path}.spillover_deployment");
+        if !matches!(
+            flavor,
+            Some(Flavor::AzureDeployments { .. } | Flavor::AzureV1 { .. })
+        ) {
+            return Err(error(field, "applies to Azure upstreams only"));
+        }
+        check_deployment(&field, spillover, true)?;
+    }
+    let weight = match raw.weight {
+        None => 1,
+        Some(0) => {
+            return Err(error(
+                format!("{path}.weight"),
+                "must be at least 1 (leave the target out to send it nothing)",
+            ))
+        }
+        Some(w) if w > MAX_WEIGHT => {
+            return Err(error(
+                format!("{path}.weight"),
+                format!("must be at most {MAX_WEIGHT}"),
+            ))
+        }
+        Some(w) => w as u32,
+    };
+    let priority = match raw.priority {
+        None => 0,
+        Some(p) => u32::try_from(p)
+            .ok()
+            .filter(|&p| p <= 1000)
+            .ok_or_else(|| error(format!("{path}.priority"), "must be 0 to 1000"))?,
+    };
+    let index = match targets
+        .iter()
+        .position(|t| t.upstream == upstream && t.deployment == raw.deployment)
+    {
+        Some(index) => index,
+        None => {
+            let name = upstreams.get(upstream).map_or("", |u| u.name.as_str());
+            targets.push(Target {
+                upstream,
+                cooldown_key: format!("azure_openai_filter/cooldown/{name}/{}", raw.deployment),
+                deployment: raw.deployment,
+            });
+            targets.len() - 1
+        }
+    };
+    Ok(ModelTarget {
+        target: index,
+        priority,
+        weight,
+        spillover: raw.spillover_deployment,
     })
 }
 

@@ -71,9 +71,20 @@ pub enum Cloud {
     China,
 }
 
+/// A model alias: one target (`{upstream, deployment}`), or a pool of them
+/// (`{targets: [...]}`).
 pub struct RawModel {
+    pub targets: Vec<RawTarget>,
+}
+
+pub struct RawTarget {
+    /// The JSON path of the target (`models.x` or `models.x.targets[0]`).
+    pub path: String,
     pub upstream: String,
     pub deployment: String,
+    pub priority: Option<u64>,
+    pub weight: Option<u64>,
+    pub spillover_deployment: Option<String>,
 }
 
 pub struct RawCaller {
@@ -252,10 +263,56 @@ impl RawManagedIdentity {
 
 impl RawModel {
     fn read(path: &str, json: &Json) -> Result<Self, ConfigError> {
-        let object = Object::new(path, json, &["upstream", "deployment"])?;
-        Ok(RawModel {
+        if json.get("targets").is_none() {
+            return Ok(RawModel {
+                targets: vec![RawTarget::read(path, json, false)?],
+            });
+        }
+        if json.get("upstream").is_some() || json.get("deployment").is_some() {
+            return Err(error(
+                join(path, "targets"),
+                "a model takes `targets`, or `upstream` and `deployment`, not both",
+            ));
+        }
+        let object = Object::new(path, json, &["targets"])?;
+        let targets_path = object.path_of("targets");
+        let targets = array(&targets_path, object.required("targets")?)?
+            .iter()
+            .enumerate()
+            .map(|(i, json)| RawTarget::read(&format!("{targets_path}[{i}]"), json, true))
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        if targets.is_empty() {
+            return Err(error(
+                targets_path,
+                "must list at least one target ({\"upstream\", \"deployment\"})",
+            ));
+        }
+        Ok(RawModel { targets })
+    }
+}
+
+impl RawTarget {
+    /// A target; in a pool it may carry a priority and a weight.
+    fn read(path: &str, json: &Json, in_pool: bool) -> Result<Self, ConfigError> {
+        let known: &[&str] = if in_pool {
+            &[
+                "upstream",
+                "deployment",
+                "priority",
+                "weight",
+                "spillover_deployment",
+            ]
+        } else {
+            &["upstream", "deployment", "spillover_deployment"]
+        };
+        let object = Object::new(path, json, known)?;
+        Ok(RawTarget {
+            path: path.to_string(),
             upstream: object.string("upstream")?,
             deployment: object.string("deployment")?,
+            priority: object.optional_u64("priority")?,
+            weight: object.optional_u64("weight")?,
+            spillover_deployment: object.optional_string("spillover_deployment")?,
         })
     }
 }

@@ -95,8 +95,10 @@ fn the_documented_example_loads() {
     assert_eq!(key.expose(), "west-secret");
 
     let (index, model) = config.model("gpt-4o").unwrap();
-    assert_eq!(model.deployment, "gpt4o-prod");
-    assert_eq!(model.upstream, 0);
+    let (target, upstream) = config.target_upstream(model.targets[0].target).unwrap();
+    assert_eq!(target.deployment, "gpt4o-prod");
+    assert_eq!(upstream.name, "west");
+    assert_eq!(model.targets.len(), 1);
     assert!(config.callers[0].may_use(index));
     let (embed, _) = config.model("text-embedding-3-small").unwrap();
     assert!(!config.callers[0].may_use(embed));
@@ -1001,4 +1003,137 @@ fn names_that_cannot_be_metric_labels_are_refused() {
     });
     let error = Config::from_json(upstream.to_string().as_bytes(), &|_| None).unwrap_err();
     assert_eq!(error.path, "upstreams.we;st");
+}
+
+fn pool_config(targets: Value) -> Result<Config, ConfigError> {
+    let json = json!({
+        "upstreams": {
+            "west-ptu": {"endpoint": "acme-west", "cluster": "w", "auth": {"api_key": {"value": "k"}}},
+            "west": {"endpoint": "acme-west2", "cluster": "w2", "auth": {"api_key": {"value": "k"}}},
+            "east": {"endpoint": "acme-east", "cluster": "e", "auth": {"api_key": {"value": "k"}}},
+            "v1": {"endpoint": "acme-v1", "cluster": "v", "api": "v1", "auth": {"api_key": {"value": "k"}}},
+            "vllm": {"kind": "openai", "endpoint": "http://vllm:8000/v1", "cluster": "vllm",
+                     "auth": {"bearer": {"value": "t"}}}
+        },
+        "models": {
+            "gpt-4o": {"targets": targets},
+            "gpt-4o-solo": {"upstream": "west", "deployment": "gpt4o"}
+        },
+        "callers": [{"name": "a", "key_sha256": "0".repeat(64), "models": ["*"]}]
+    });
+    Config::from_json(json.to_string().as_bytes(), &|_| None)
+}
+
+#[test]
+fn pools_list_targets_by_priority_and_weight() {
+    let config = pool_config(json!([
+        {"upstream": "west-ptu", "deployment": "gpt4o-ptu", "priority": 0,
+         "spillover_deployment": "gpt4o-standard"},
+        {"upstream": "west", "deployment": "gpt4o", "priority": 1, "weight": 3},
+        {"upstream": "east", "deployment": "gpt4o", "priority": 1}
+    ]))
+    .unwrap();
+    let (_, model) = config.model("gpt-4o").unwrap();
+    let shape: Vec<(u32, u32, Option<&str>)> = model
+        .targets
+        .iter()
+        .map(|t| (t.priority, t.weight, t.spillover.as_deref()))
+        .collect();
+    assert_eq!(
+        shape,
+        vec![(0, 1, Some("gpt4o-standard")), (1, 3, None), (1, 1, None)]
+    );
+    // The same deployment on the same upstream is one target for every
+    // alias (one cooldown); on another upstream it is another.
+    let (_, solo) = config.model("gpt-4o-solo").unwrap();
+    assert_eq!(solo.targets[0].target, model.targets[1].target);
+    assert_ne!(model.targets[1].target, model.targets[2].target);
+    assert_eq!(config.targets.len(), 3);
+    let keys: Vec<&str> = config
+        .targets
+        .iter()
+        .map(|t| t.cooldown_key.as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            "azure_openai_filter/cooldown/west-ptu/gpt4o-ptu",
+            "azure_openai_filter/cooldown/west/gpt4o",
+            "azure_openai_filter/cooldown/east/gpt4o"
+        ]
+    );
+}
+
+#[test]
+fn bad_pools_are_refused_naming_the_field() {
+    for (targets, path, message) in [
+        (json!([]), "models.gpt-4o.targets", "at least one target"),
+        (
+            json!([{"upstream": "north", "deployment": "d"}]),
+            "models.gpt-4o.targets[0].upstream",
+            "unknown upstream `north`",
+        ),
+        (
+            json!([{"upstream": "west", "deployment": "d", "weight": 0}]),
+            "models.gpt-4o.targets[0].weight",
+            "at least 1",
+        ),
+        (
+            json!([{"upstream": "west", "deployment": "d", "weight": 2_000_000}]),
+            "models.gpt-4o.targets[0].weight",
+            "at most",
+        ),
+        (
+            json!([{"upstream": "west", "deployment": "d", "priority": 5000}]),
+            "models.gpt-4o.targets[0].priority",
+            "0 to 1000",
+        ),
+        (
+            json!([{"upstream": "west", "deployment": "d"}, {"upstream": "west", "deployment": "d"}]),
+            "models.gpt-4o.targets[1]",
+            "same upstream and deployment",
+        ),
+        (
+            json!([{"upstream": "west", "deployment": "d", "colour": "red"}]),
+            "models.gpt-4o.targets[0].colour",
+            "unknown field",
+        ),
+        (
+            json!([{"upstream": "west", "deployment": "bad/name"}]),
+            "models.gpt-4o.targets[0].deployment",
+            "not a deployment name",
+        ),
+        (
+            json!([{"upstream": "vllm", "deployment": "m", "spillover_deployment": "s"}]),
+            "models.gpt-4o.targets[0].spillover_deployment",
+            "Azure upstreams only",
+        ),
+        (
+            json!([{"upstream": "west", "deployment": "d", "spillover_deployment": "a b"}]),
+            "models.gpt-4o.targets[0].spillover_deployment",
+            "not a deployment name",
+        ),
+        (
+            json!([{"upstream": "west"}]),
+            "models.gpt-4o.targets[0]",
+            "missing field `deployment`",
+        ),
+    ] {
+        let error = pool_config(targets.clone()).unwrap_err();
+        assert_eq!(error.path, path, "{targets}");
+        assert!(
+            error.message.contains(message),
+            "{targets}: {}",
+            error.message
+        );
+    }
+    // `targets` beside `upstream` is one or the other.
+    let json = json!({
+        "upstreams": {"west": {"endpoint": "acme-west", "cluster": "w", "auth": {"api_key": {"value": "k"}}}},
+        "models": {"gpt-4o": {"upstream": "west", "deployment": "d", "targets": []}},
+        "callers": [{"name": "a", "key_sha256": "0".repeat(64), "models": ["*"]}]
+    });
+    let error = Config::from_json(json.to_string().as_bytes(), &|_| None).unwrap_err();
+    assert_eq!(error.path, "models.gpt-4o.targets");
+    assert!(error.message.contains("not both"), "{}", error.message);
 }

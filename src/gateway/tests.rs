@@ -5,6 +5,11 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 
+/// `plan` for a single-target world.
+fn plan(config: &Config, admitted: Admitted) -> Result<Plan<'_>, ApiError> {
+    super::plan(config, admitted, &mut FirstTarget)
+}
+
 fn hash(key: &str) -> String {
     Sha256::digest(key.as_bytes())
         .iter()
@@ -91,7 +96,14 @@ fn route<'c>(
         Plan::ReadBody(pending) => {
             let mut reader = BodyReader::new(pending.op, &[content_type.as_bytes()])?;
             let mut source: &[u8] = body;
-            let forward = read_body(config, &pending, &mut reader, &mut source, true)?;
+            let forward = read_body(
+                config,
+                &pending,
+                &mut reader,
+                &mut source,
+                true,
+                &mut FirstTarget,
+            )?;
             Ok(forward.expect("a complete body is routed"))
         }
         Plan::Forward(forward) => Ok(forward),
@@ -696,7 +708,7 @@ fn header_edits_swap_credentials_and_route() {
         forward.header_edits(&config, &caller, None),
         vec![
             // The caller's api-key is overwritten by the upstream's.
-            HeaderEdit::Remove("authorization"),
+            HeaderEdit::Remove("authorization".into()),
             set(":authority", b"acme-west.openai.azure.com"),
             set(
                 ":path",
@@ -731,8 +743,8 @@ fn header_edits_remove_only_what_the_caller_sent() {
     // Authorization, sent, is removed; api-key is overwritten, not removed.
     let caller: Vec<Header> = vec![(b"authorization", b"Bearer key-a")];
     let edits = forward.header_edits(&config, &caller, None);
-    assert_eq!(edits[0], HeaderEdit::Remove("authorization"));
-    assert!(!edits.contains(&HeaderEdit::Remove("api-key")));
+    assert_eq!(edits[0], HeaderEdit::Remove("authorization".into()));
+    assert!(!edits.contains(&HeaderEdit::Remove("api-key".into())));
     assert_eq!(forward.token_credential(), None);
 }
 
@@ -757,7 +769,7 @@ fn bearer_upstreams_and_content_length_after_a_body_edit() {
         edits.last(),
         Some(&set("authorization", b"Bearer vllm-token"))
     );
-    assert!(!edits.contains(&HeaderEdit::Remove("authorization")));
+    assert!(!edits.contains(&HeaderEdit::Remove("authorization".into())));
     // Without content-length (a chunked body) none is added.
     let edits = forward.header_edits(&config, &caller[..1], None);
     assert!(!edits
@@ -800,15 +812,15 @@ fn token_upstreams_get_a_bearer_and_never_the_callers_authorization() {
 
     let token = Secret::new("tok".into());
     let edits = forward.header_edits(&config, &caller, Some(&token));
-    assert_eq!(edits[0], HeaderEdit::Remove("api-key"));
-    assert!(!edits.contains(&HeaderEdit::Remove("authorization")));
+    assert_eq!(edits[0], HeaderEdit::Remove("api-key".into()));
+    assert!(!edits.contains(&HeaderEdit::Remove("authorization".into())));
     assert_eq!(edits.last(), Some(&set("authorization", b"Bearer tok")));
 
     // Without the token yet: the caller's authorization is removed now,
     // the bearer comes later.
     let pending = forward.header_edits(&config, &caller, None);
-    assert!(pending.contains(&HeaderEdit::Remove("authorization")));
-    assert!(pending.contains(&HeaderEdit::Remove("api-key")));
+    assert!(pending.contains(&HeaderEdit::Remove("authorization".into())));
+    assert!(pending.contains(&HeaderEdit::Remove("api-key".into())));
     assert!(!pending
         .iter()
         .any(|e| matches!(e, HeaderEdit::Set(n, _) if n == "authorization")));

@@ -7,9 +7,10 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
+use super::abi::{self, Buffer, HeaderMap};
 use super::bindings::{WasmHost, WasmStream};
 use crate::exchange::Exchange;
-use crate::host_api::Flow;
+use crate::host_api::{CalloutReply, Flow};
 use crate::worker::Worker;
 
 pub struct Request {
@@ -37,7 +38,31 @@ impl Drop for Request {
     }
 }
 
-impl Context for Request {}
+impl Context for Request {
+    /// A callout this request sent (a failover attempt) came back.
+    fn on_http_call_response(
+        &mut self,
+        callout: u32,
+        num_headers: usize,
+        body_size: usize,
+        _: usize,
+    ) {
+        // No headers: the connection closed before an answer.
+        let headers = if num_headers == 0 {
+            Vec::new()
+        } else {
+            abi::get_headers(HeaderMap::CallResponse).unwrap_or_default()
+        };
+        let body = if headers.is_empty() {
+            Vec::new()
+        } else {
+            abi::get_buffer(Buffer::CallResponseBody, 0, body_size).unwrap_or_default()
+        };
+        let reply = CalloutReply { headers, body };
+        self.exchange
+            .on_callout_response(&mut WasmHost, &mut WasmStream, callout, reply);
+    }
+}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {

@@ -565,8 +565,12 @@ mod tests {
         let mut b = Vm::new(&world, &config, 2);
         a.tick(); // a holds the lease
         assert!(matches!(b.lookup(), Lookup::Hold));
-        b.tokens
-            .hold(&mut b.host, 42, 0, vec![HeaderEdit::Remove("api-key")]);
+        b.tokens.hold(
+            &mut b.host,
+            42,
+            0,
+            vec![HeaderEdit::Remove("api-key".into())],
+        );
         assert!(b.tick().is_empty());
         let id = a.last_callout();
         a.answer(id, Some(200), &token_json("tok-1", 3600));

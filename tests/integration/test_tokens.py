@@ -284,12 +284,14 @@ def test_failed_refresh_keeps_the_current_token_until_it_expires(envoy_factory, 
 
 
 def test_caller_disconnecting_while_held_leaves_nothing(envoy_factory, upstream, identity):
-    endpoint = identity(delay=2.0)
+    # The token takes 4 s (longer than the six callers' 0.3 s each, with
+    # room for a slow machine).
+    endpoint = identity(delay=4.0)
     envoy = start(envoy_factory, entra_config(upstream, endpoint), upstream, endpoint)
     for _ in range(6):
         with pytest.raises(httpx.ReadTimeout):
             chat(envoy, timeout=0.3)
-    time.sleep(2.5)  # the token arrives after the callers left
+    time.sleep(4.5)  # the token arrives after the callers left
     assert stat(envoy, "requests_waiting_for_token") == 0
     assert upstream.received == []
     assert chat(envoy).status_code == 200

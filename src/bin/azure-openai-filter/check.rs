@@ -177,17 +177,32 @@ pub fn describe(config: &Config) -> String {
         "  models (alias -> upstream, deployment: what is sent):"
     );
     for model in &config.models {
-        let Some(upstream) = config.upstream(model.upstream) else {
-            continue;
-        };
-        let _ = writeln!(
-            out,
-            "    {} -> {}, {}: {}",
-            model.alias,
-            upstream.name,
-            model.deployment,
-            request_template(upstream, &model.deployment)
-        );
+        let pool = model.targets.len() > 1;
+        for (i, target) in model.targets.iter().enumerate() {
+            let Some((chosen, upstream)) = config.target_upstream(target.target) else {
+                continue;
+            };
+            let alias = if i == 0 { model.alias.as_str() } else { "" };
+            let mut extra = String::new();
+            if pool {
+                extra.push_str(&format!(
+                    " [priority {}, weight {}]",
+                    target.priority, target.weight
+                ));
+            }
+            if let Some(spillover) = &target.spillover {
+                extra.push_str(&format!(" [spillover to {spillover}]"));
+            }
+            let _ = writeln!(
+                out,
+                "    {:<w$} -> {}, {}: {}{extra}",
+                alias,
+                upstream.name,
+                chosen.deployment,
+                request_template(upstream, &chosen.deployment),
+                w = model.alias.len()
+            );
+        }
     }
     match config.responses_upstream.and_then(|i| config.upstream(i)) {
         Some(upstream) => {
