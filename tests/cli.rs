@@ -53,6 +53,7 @@ fn run(args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> (i32, Strin
 const EXAMPLE_ENV: &[(&str, &str)] = &[
     ("AZURE_DEMO_KEY", "demo-upstream-key"),
     ("AZURE_WEST_KEY", "west-key"),
+    ("AZURE_PTU_KEY", "ptu-key"),
     ("AZURE_EAST_KEY", "east-key"),
     ("AZURE_CLIENT_SECRET", "client-secret"),
     ("VLLM_TOKEN", "vllm-token"),
@@ -318,4 +319,17 @@ fn usage_errors_exit_2() {
     let (code, out, _) = run(&["--help"], &[], None);
     assert_eq!(code, 0);
     assert!(out.contains("check [--allow-missing-env] CONFIG"));
+}
+
+#[test]
+fn the_pools_example_shows_each_target() {
+    let (code, out, _) = run(&["check", "envoy/pools.yaml"], EXAMPLE_ENV, None);
+    assert_eq!(code, 0, "{out}");
+    for line in [
+        "gpt-4o -> west-ptu, gpt4o-ptu: POST /openai/deployments/gpt4o-ptu/{operation}?api-version={per operation} [priority 0, weight 1] [spillover to gpt4o-standard]",
+        "       -> west, gpt4o: POST /openai/deployments/gpt4o/{operation}?api-version={per operation} [priority 1, weight 3]",
+        "       -> east, gpt4o: POST /openai/deployments/gpt4o/{operation}?api-version={per operation} [priority 1, weight 1]",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in\n{out}");
+    }
 }

@@ -94,6 +94,7 @@ def test_bad_configuration_fails_validate_mode_too(tmp_path):
 # ------------------------------------------------------- envoy/ examples
 
 EXAMPLE_ENV = {"AZURE_DEMO_KEY": "demo-upstream-key", "AZURE_WEST_KEY": "west-key",
+               "AZURE_PTU_KEY": "ptu-key",
                "AZURE_EAST_KEY": "east-key", "AZURE_CLIENT_SECRET": "client-secret",
                "VLLM_TOKEN": "vllm-token"}
 
@@ -119,7 +120,8 @@ def local_copy(example, tmp_path, upstream_port=None):
 
 def test_there_are_examples():
     names = {p.name for p in EXAMPLES}
-    assert {"demo.yaml", "production.yaml", "entra.yaml", "managed-identity.yaml"} <= names
+    assert {"demo.yaml", "production.yaml", "entra.yaml", "managed-identity.yaml",
+            "pools.yaml"} <= names
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
@@ -363,3 +365,17 @@ def test_demo_script_refuses_to_start_when_the_stand_in_cannot_bind():
             assert "STANDIN_PORT" in err, err
         finally:
             stop_demo(process)
+
+
+def test_pools_example_serves_and_steps_around_unreachable_targets(envoy_factory, tmp_path):
+    """Started as shipped (no network here, so no Azure host resolves): every
+    target of the pool fails in turn, and the caller gets the gateway's 429
+    with Retry-After rather than a hang or Envoy's plain 503."""
+    envoy = envoy_factory(local_copy(ROOT / "envoy" / "pools.yaml", tmp_path),
+                          env=EXAMPLE_ENV).start()
+    response = httpx.post(envoy.url + "/v1/chat/completions", json={"model": "gpt-4o"},
+                          headers={"authorization": "Bearer replace-me-team-a-key"}, timeout=20)
+    error = assert_openai_error(response, 429, "rate_limit_exceeded")
+    assert "gpt-4o" in error["message"]
+    assert int(response.headers["retry-after"]) >= 1
+    assert "panicked" not in envoy.log()

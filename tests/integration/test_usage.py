@@ -300,3 +300,23 @@ def test_latency_histograms_and_remaining_quota(gateway, upstreams):
                   deployment="gpt4o-prod") == 41
     assert series(gateway, "azure_openai_ratelimit_remaining_tokens", upstream="azure",
                   deployment="gpt4o-prod") == 9000
+
+
+def test_every_series_the_grafana_dashboard_reads_is_in_a_real_scrape(gateway, upstreams):
+    """deploy/grafana-dashboard.json against /stats/prometheus after traffic
+    of every kind the dashboard shows (including Azure's 429 and quota)."""
+    from dashboard import series as dashboard_series
+
+    client(gateway).chat.completions.create(model="gpt-4o", messages=[])
+    upstreams["azure"].responder = lambda r: Reply(
+        429, {"content-type": "application/json", "retry-after": "1",
+              "x-ratelimit-remaining-requests": "0", "x-ratelimit-remaining-tokens": "0"},
+        b'{"error":{"code":"429","message":"slow down"}}')
+    httpx.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-4o"},
+               headers={"authorization": f"Bearer {TEAM_KEY}"}, timeout=10)
+    time.sleep(1.5)
+    scraped = scrape(gateway)
+    for name, labels in dashboard_series().items():
+        present = [set(dict(ls)) for (n, ls) in scraped if n == name]
+        assert present, f"the dashboard reads {name}, which the scrape lacks"
+        assert any(set(labels) <= have for have in present), (name, labels, present[:2])
