@@ -1193,4 +1193,121 @@ mod tests {
             .any(|(n, _)| n == "content-length"));
         assert!(host.logged("DeploymentNotFound"));
     }
+
+    fn pool_worker(host: &mut FakeHost) -> Rc<Worker> {
+        let json = serde_json::json!({
+            "upstreams": {
+                "ptu": {"endpoint": "acme-ptu", "cluster": "c_ptu", "auth": {"api_key": {"value": "ptu-key"}}},
+                "east": {"endpoint": "acme-east", "cluster": "c_east", "auth": {"api_key": {"value": "east-key"}}}
+            },
+            "models": {"gpt-4o": {"targets": [
+                {"upstream": "ptu", "deployment": "ptu-dep", "priority": 0},
+                {"upstream": "east", "deployment": "east-dep", "priority": 1}
+            ]}},
+            "callers": [{"name": "team", "key_sha256": hex::encode(Sha256::digest(KEY)),
+                         "models": ["gpt-4o"]}]
+        });
+        let config = Config::from_json(json.to_string().as_bytes(), &|_| None).unwrap();
+        Rc::new(Worker::new(Rc::new(config), 1, host))
+    }
+
+    #[test]
+    fn a_throttled_target_fails_over_by_callout_and_the_caller_gets_that_answer() {
+        let world = World::new(1_000);
+        let mut host = FakeHost::new(&world, 1);
+        let worker = pool_worker(&mut host);
+        let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+        let mut stream = chat(body);
+        let mut exchange = Exchange::new(1, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut stream), Flow::Continue);
+        assert_eq!(stream.header("api-key"), ["ptu-key"]);
+        // The PTU answers 429: its answer is held, the request goes on by callout.
+        stream.response_headers = vec![
+            (":status".into(), b"429".to_vec()),
+            ("retry-after-ms".into(), b"5000".to_vec()),
+            ("content-type".into(), b"application/json".to_vec()),
+        ];
+        assert_eq!(
+            exchange.on_response_headers(&mut host, &mut stream, false),
+            Flow::Pause
+        );
+        assert_eq!(
+            exchange.on_response_body(&mut host, &mut stream, 10, true),
+            Flow::Pause
+        );
+        let callout = host.callouts.last().unwrap().clone();
+        assert_eq!(callout.cluster, "c_east");
+        let header = |name: &str| {
+            callout
+                .headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            header(":path").unwrap(),
+            "/openai/deployments/east-dep/chat/completions?api-version=2024-10-21"
+        );
+        assert_eq!(header(":authority").unwrap(), "acme-east.openai.azure.com");
+        assert_eq!(header("api-key").unwrap(), "east-key");
+        assert_eq!(header("authorization"), None);
+        assert_eq!(header("content-length").unwrap(), body.len().to_string());
+        assert_eq!(callout.body.as_deref(), Some(body.as_bytes()));
+        // Its answer reaches the caller, its usage counted.
+        let mut answer = vec![];
+        answer.extend_from_slice(&crate::headers::encode(&[
+            (b":status", b"200"),
+            (b"content-type", b"application/json"),
+            (b"x-ms-region", b"East US"),
+            (b"content-length", b"999"),
+        ]));
+        let reply = CalloutReply {
+            headers: answer,
+            body: br#"{"id":"x","choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2}}"#
+                .to_vec(),
+        };
+        exchange.on_callout_response(&mut host, &mut stream, callout.id, reply.clone());
+        let delivered = stream.reply.clone().unwrap();
+        assert_eq!(delivered.status, 200);
+        assert!(delivered
+            .headers
+            .contains(&("x-ms-region".into(), "East US".into())));
+        assert!(!delivered.headers.iter().any(|(n, _)| n == "content-length"));
+        assert_eq!(delivered.body, reply.body);
+        assert_eq!(
+            exchange.account.usage.map(|u| (u.input, u.output)),
+            Some((4, 2))
+        );
+        assert_eq!(exchange.account.target, Some(1));
+        // The PTU cools down for this worker at once: the next request goes east.
+        let mut next = chat(body);
+        let mut second = Exchange::new(2, Some(worker.clone()));
+        send(&mut second, &mut host, &mut next);
+        assert_eq!(next.header("api-key"), ["east-key"]);
+    }
+
+    #[test]
+    fn a_callout_that_fails_too_ends_in_the_gateways_429_when_all_cool() {
+        let world = World::new(1_000);
+        let mut host = FakeHost::new(&world, 1);
+        let worker = pool_worker(&mut host);
+        let mut stream = chat(r#"{"model":"gpt-4o"}"#);
+        let mut exchange = Exchange::new(1, Some(worker));
+        send(&mut exchange, &mut host, &mut stream);
+        stream.response_headers = vec![(":status".into(), b"503".to_vec())];
+        assert_eq!(
+            exchange.on_response_headers(&mut host, &mut stream, false),
+            Flow::Pause
+        );
+        let callout = host.callouts.last().unwrap().id;
+        // No headers: the connection closed before an answer.
+        exchange.on_callout_response(&mut host, &mut stream, callout, CalloutReply::default());
+        let reply = stream.reply.clone().unwrap();
+        assert_eq!(reply.status, 429);
+        assert_eq!(reply.json()["error"]["code"], "rate_limit_exceeded");
+        assert!(reply
+            .headers
+            .iter()
+            .any(|(n, v)| n == "retry-after" && v == "1"));
+    }
 }
