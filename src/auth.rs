@@ -68,6 +68,7 @@ mod tests {
             name: name.to_string(),
             key_sha256: Sha256::digest(key.as_bytes()).into(),
             access: ModelAccess::Any,
+            limits: None,
         }
     }
 

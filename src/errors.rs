@@ -248,6 +248,33 @@ impl ApiError {
         error
     }
 
+    /// A caller's own limit for the minute is reached (`kind`: `requests` or
+    /// `tokens`); worded as OpenAI words its own.
+    pub fn caller_limited(
+        caller: &str,
+        kind: &'static str,
+        limit: u64,
+        used: u64,
+        retry_after_ms: u64,
+    ) -> Self {
+        let seconds = retry_after_ms.div_ceil(1000).max(1);
+        let mut error = Self::new(
+            429,
+            kind,
+            "rate_limit_exceeded",
+            format!(
+                "Rate limit reached for caller `{}` on {kind} per minute: limit {limit}, used \
+                 {used}. Please try again in {seconds}s.",
+                echo(caller)
+            ),
+        );
+        error.headers.push(("retry-after", seconds.to_string()));
+        error
+            .headers
+            .push(("retry-after-ms", retry_after_ms.to_string()));
+        error
+    }
+
     /// No target of a pool could be reached.
     pub fn upstream_unreachable() -> Self {
         Self::new(

@@ -24,6 +24,7 @@ use crate::errors::ApiError;
 use crate::gateway::{self, BodyReader, Forward, HeaderEdit, Pending, Plan, Replay, RequestHead};
 use crate::headers::{self, Header};
 use crate::host_api::{log, Callout, CalloutReply, Flow, Host, Level, Stream};
+use crate::limits::{self, Admission, Standing};
 use crate::metrics::{RequestRecord, TargetEvent};
 use crate::pool::{retry_after_ms, Choice, Outcome, PoolChooser};
 use crate::routes::Operation;
@@ -85,6 +86,10 @@ struct Failover {
     callout: Option<u32>,
 }
 
+/// The property (filter state `wasm.azure_openai_tokens`) that carries the
+/// tokens a request used, for Envoy's rate-limit filter.
+pub const TOKENS_PROPERTY: &str = "azure_openai_tokens";
+
 /// Attempts a request makes, the first included (each to another target).
 const MAX_ATTEMPTS: usize = 4;
 /// How long a failover attempt may take (the answer comes whole).
@@ -108,6 +113,11 @@ struct Account {
     response_pieces: u32,
     reader: Option<UsageReader>,
     usage: Option<Usage>,
+    /// For a caller with limits: where it stood when admitted (its
+    /// `x-ratelimit-*` headers).
+    standing: Option<Standing>,
+    /// The tokens used were published for Envoy's rate-limit filter.
+    published: bool,
     recorded: bool,
 }
 
@@ -182,7 +192,7 @@ impl Exchange {
                     .as_ref()
                     .and_then(|w| gateway::check_body_size(&w.config, received).err());
                 match over {
-                    Some(error) => self.reject(host, stream, &error),
+                    Some(error) => self.reject(host, stream, error),
                     None => Flow::Continue,
                 }
             }
@@ -228,6 +238,20 @@ impl Exchange {
             .and_then(|s| u16::try_from(s).ok())
             .unwrap_or(0);
         self.account.status = status;
+        if let Some(standing) = &self.account.standing {
+            // The caller's own limits replace Azure's headers of the same kind.
+            for (name, value) in standing.headers() {
+                let _ = stream.set_response_header(name, value.as_bytes());
+            }
+        }
+        if status == 429 && header("x-envoy-ratelimited").is_some() {
+            // Envoy's rate-limit filter refused the request (global limits).
+            if let Some(worker) = &self.worker {
+                if let Ok(mut metrics) = worker.metrics.try_borrow_mut() {
+                    metrics.limited(self.account.caller, "-", "global");
+                }
+            }
+        }
         if let (Some(worker), Some(target)) = (&self.worker, self.account.target) {
             let requests = number("x-ratelimit-remaining-requests");
             let tokens = number("x-ratelimit-remaining-tokens");
@@ -246,6 +270,7 @@ impl Exchange {
             }
         }
         if end_of_stream {
+            self.publish_usage(stream);
             return Flow::Continue;
         }
         let content_type = header("content-type").unwrap_or_default();
@@ -288,6 +313,20 @@ impl Exchange {
         body_size: usize,
         end_of_stream: bool,
     ) -> Flow {
+        let flow = self.response_body(host, stream, body_size, end_of_stream);
+        if end_of_stream && flow == Flow::Continue {
+            self.publish_usage(stream);
+        }
+        flow
+    }
+
+    fn response_body(
+        &mut self,
+        host: &mut dyn Host,
+        stream: &mut dyn Stream,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
         if self.failover.as_ref().is_some_and(|f| f.callout.is_some()) {
             return Flow::Pause; // the failed target's answer, to be replaced
         }
@@ -321,6 +360,33 @@ impl Exchange {
             };
         }
         Flow::Continue
+    }
+
+    /// With `global_rate_limit`, once the answer has ended: the tokens it
+    /// used, for the cost Envoy's rate-limit filter charges when the stream
+    /// is done (filter state `wasm.azure_openai_tokens`; 0 when the answer
+    /// reported no usage).
+    fn publish_usage(&mut self, stream: &mut dyn Stream) {
+        let global = self
+            .worker
+            .as_ref()
+            .is_some_and(|w| w.config.global_rate_limit);
+        if !global || std::mem::replace(&mut self.account.published, true) {
+            return;
+        }
+        let tokens = self.account.usage.map_or(0, |u| u.total());
+        let _ = stream.set_property(TOKENS_PROPERTY, tokens.to_string().as_bytes());
+    }
+
+    /// Answers with an OpenAI error, with the caller's `x-ratelimit-*`
+    /// headers when it has limits; nothing (more) goes upstream.
+    fn answer_error(&mut self, host: &mut dyn Host, stream: &mut dyn Stream, mut error: ApiError) {
+        self.state = State::Answered;
+        self.account.status = error.status;
+        if let Some(standing) = &self.account.standing {
+            error.headers.extend(standing.headers());
+        }
+        send_error(host, stream, &error);
     }
 
     /// A callout this request sent came back: the answer of another target
@@ -395,10 +461,8 @@ impl Exchange {
                 Choice::Target(next) => next,
                 Choice::AllCooling { retry_after_ms } => {
                     let error = ApiError::all_targets_cooling(&model.alias, retry_after_ms);
-                    self.state = State::Answered;
-                    self.account.status = error.status;
                     self.account.ended_ms = Some(now);
-                    send_error(host, stream, &error);
+                    self.answer_error(host, stream, error);
                     return Some(Flow::Pause);
                 }
             };
@@ -498,9 +562,7 @@ impl Exchange {
         self.state = State::Answered;
         self.account.ended_ms = Some(now);
         let Some(status) = status else {
-            let error = ApiError::upstream_unreachable();
-            self.account.status = error.status;
-            send_error(host, stream, &error);
+            self.answer_error(host, stream, ApiError::upstream_unreachable());
             return;
         };
         self.account.status = status;
@@ -558,16 +620,25 @@ impl Exchange {
             b"keep-alive",
             b"date",
         ];
-        let passed: Vec<(&[u8], &[u8])> = response_headers
+        let own = self
+            .account
+            .standing
+            .as_ref()
+            .map(Standing::headers)
+            .unwrap_or_default();
+        let mut passed: Vec<(&[u8], &[u8])> = response_headers
             .iter()
             .filter(|(name, _)| {
                 !name.starts_with(b":")
                     && !name.starts_with(b"x-envoy-")
                     && !DROPPED.contains(name)
                     && (!replaced || *name != b"content-encoding")
+                    && !own.iter().any(|(n, _)| n.as_bytes() == *name)
             })
             .copied()
             .collect();
+        passed.extend(own.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+        self.publish_usage(stream);
         send_reply(host, stream, status, &passed, &body);
     }
 
@@ -665,6 +736,11 @@ impl Exchange {
         if let Ok(mut metrics) = worker.metrics.try_borrow_mut() {
             metrics.record(&record);
         }
+        if let (Some(_), Some(caller), Some(usage)) =
+            (&account.standing, account.caller, account.usage)
+        {
+            worker.owe(caller, usage.total());
+        }
     }
 
     /// Header phase: admit the request, then answer, forward or wait for the body.
@@ -682,6 +758,18 @@ impl Exchange {
         let head = RequestHead::from_headers(&request_headers, !end_of_stream);
         let admitted = gateway::admit(config, &head)?;
         self.account.caller = Some(admitted.caller);
+        match limits::admit(host, config, admitted.caller) {
+            None => {}
+            Some(Admission::Admitted(standing)) => self.account.standing = Some(standing),
+            Some(Admission::Limited { kind, standing }) => {
+                if let Ok(mut metrics) = worker.metrics.try_borrow_mut() {
+                    metrics.limited(Some(admitted.caller), kind.name(), "local");
+                }
+                let error = standing.refusal(&config.callers, admitted.caller, kind);
+                self.account.standing = Some(standing);
+                return Err(error);
+            }
+        }
         let cooldowns = worker.cooldowns.try_borrow_mut();
         let plan = match cooldowns {
             Ok(mut cooldowns) => {
@@ -697,13 +785,15 @@ impl Exchange {
             Plan::Answer(status, body) => {
                 self.state = State::Answered;
                 self.account.status = status;
-                send_reply(
-                    host,
-                    stream,
-                    status,
-                    &[(b"content-type", b"application/json")],
-                    &body,
-                );
+                let own = self
+                    .account
+                    .standing
+                    .as_ref()
+                    .map(Standing::headers)
+                    .unwrap_or_default();
+                let mut reply: Vec<(&[u8], &[u8])> = vec![(b"content-type", b"application/json")];
+                reply.extend(own.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+                send_reply(host, stream, status, &reply, &body);
                 Ok(Flow::Pause)
             }
             Plan::Forward(forward) => {
@@ -915,9 +1005,7 @@ impl Exchange {
     }
 
     /// Answers with the OpenAI error JSON; nothing goes upstream.
-    fn reject(&mut self, host: &mut dyn Host, stream: &mut dyn Stream, error: &ApiError) -> Flow {
-        self.state = State::Answered;
-        self.account.status = error.status;
+    fn reject(&mut self, host: &mut dyn Host, stream: &mut dyn Stream, error: ApiError) -> Flow {
         self.translation = None;
         self.release_watch();
         log(
@@ -928,7 +1016,7 @@ impl Exchange {
                 self.id, error.status, error.code
             ),
         );
-        send_error(host, stream, error);
+        self.answer_error(host, stream, error);
         Flow::Pause
     }
 
@@ -940,7 +1028,7 @@ impl Exchange {
     ) -> Flow {
         match outcome {
             Ok(flow) => flow,
-            Err(error) => self.reject(host, stream, &error),
+            Err(error) => self.reject(host, stream, error),
         }
     }
 
@@ -1309,5 +1397,216 @@ mod tests {
             .headers
             .iter()
             .any(|(n, v)| n == "retry-after" && v == "1"));
+    }
+
+    fn limited_worker(host: &mut FakeHost, limits: serde_json::Value, global: bool) -> Rc<Worker> {
+        let json = serde_json::json!({
+            "upstreams": {"west": {"endpoint": "https://acme-west.openai.azure.com",
+                                   "cluster": "azure_west", "auth": {"api_key": {"value": "k"}}}},
+            "models": {"gpt-4o": {"upstream": "west", "deployment": "gpt4o-prod"}},
+            "callers": [{"name": "team", "key_sha256": hex::encode(Sha256::digest(KEY)),
+                         "models": ["gpt-4o"], "limits": limits},
+                        {"name": "other", "key_sha256": hex::encode(Sha256::digest("sk-other")),
+                         "models": ["gpt-4o"]}],
+            "global_rate_limit": global,
+            "responses_upstream": "west"
+        });
+        let config = Config::from_json(json.to_string().as_bytes(), &|_| None).unwrap();
+        Rc::new(Worker::new(Rc::new(config), 1, host))
+    }
+
+    /// A request answered by the upstream with `usage` tokens, to its end.
+    fn answered(
+        exchange: &mut Exchange,
+        host: &mut FakeHost,
+        stream: &mut FakeStream,
+        prompt: u64,
+        completion: u64,
+    ) {
+        let body = format!(
+            r#"{{"id":"x","choices":[],"usage":{{"prompt_tokens":{prompt},"completion_tokens":{completion}}}}}"#
+        );
+        stream.response_headers = vec![
+            (":status".into(), b"200".to_vec()),
+            ("content-type".into(), b"application/json".to_vec()),
+            ("x-ratelimit-remaining-requests".into(), b"4999".to_vec()),
+            ("x-ratelimit-remaining-tokens".into(), b"90000".to_vec()),
+        ];
+        stream.response_body = body.clone().into_bytes();
+        assert_eq!(
+            exchange.on_response_headers(host, stream, false),
+            Flow::Continue
+        );
+        assert_eq!(
+            exchange.on_response_body(host, stream, body.len(), true),
+            Flow::Continue
+        );
+        exchange.on_done(host);
+    }
+
+    const BODY: &str = r#"{"model":"gpt-4o","messages":[]}"#;
+
+    #[test]
+    fn the_request_limit_holds_across_workers_and_the_refusal_says_until_when() {
+        let world = World::new(60_000 * 1_000 + 15_000);
+        let mut hosts = [FakeHost::new(&world, 1), FakeHost::new(&world, 1)];
+        let workers: Vec<_> = hosts
+            .iter_mut()
+            .map(|h| limited_worker(h, serde_json::json!({"requests_per_minute": 3}), false))
+            .collect();
+        let mut passed = 0;
+        for i in 0..6 {
+            let vm = i % 2;
+            let mut stream = chat(BODY);
+            let mut exchange = Exchange::new(i as u32, Some(workers[vm].clone()));
+            if send(&mut exchange, &mut hosts[vm], &mut stream) == Flow::Continue {
+                passed += 1;
+                continue;
+            }
+            let reply = stream.reply.clone().unwrap();
+            assert_eq!(reply.status, 429);
+            let error = reply.json();
+            assert_eq!(error["error"]["code"], "rate_limit_exceeded");
+            assert_eq!(error["error"]["type"], "requests");
+            assert!(error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("caller `team` on requests per minute: limit 3, used 3"));
+            let header = |name: &str| {
+                reply
+                    .headers
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v.clone())
+            };
+            assert_eq!(header("retry-after").as_deref(), Some("45"));
+            assert_eq!(
+                header("x-ratelimit-remaining-requests").as_deref(),
+                Some("0")
+            );
+            assert_eq!(header("x-ratelimit-reset-requests").as_deref(), Some("45s"));
+            exchange.on_done(&mut hosts[vm]);
+        }
+        assert_eq!(passed, 3);
+        for (worker, host) in workers.iter().zip(hosts.iter_mut()) {
+            worker.on_tick(host);
+        }
+        assert_eq!(
+            world.stat(
+                "azure_openai_limited_total_caller=.=team;.;limit=.=requests;.;scope=.=local;.;"
+            ),
+            3
+        );
+        // Another caller is not limited; the next minute admits the caller again.
+        let mut other = FakeStream::request(
+            "POST",
+            "/v1/chat/completions",
+            &[
+                ("authorization", "Bearer sk-other"),
+                ("content-type", "application/json"),
+            ],
+            BODY.as_bytes(),
+        );
+        let mut exchange = Exchange::new(10, Some(workers[0].clone()));
+        assert_eq!(
+            send(&mut exchange, &mut hosts[0], &mut other),
+            Flow::Continue
+        );
+        world.advance(45_000);
+        let mut stream = chat(BODY);
+        let mut exchange = Exchange::new(11, Some(workers[1].clone()));
+        assert_eq!(
+            send(&mut exchange, &mut hosts[1], &mut stream),
+            Flow::Continue
+        );
+    }
+
+    #[test]
+    fn tokens_are_charged_on_the_tick_and_a_spent_budget_refuses() {
+        let world = World::new(60_000 * 1_000);
+        let mut host = FakeHost::new(&world, 1);
+        let worker = limited_worker(
+            &mut host,
+            serde_json::json!({"requests_per_minute": 100, "tokens_per_minute": 50}),
+            false,
+        );
+        let mut stream = chat(BODY);
+        let mut exchange = Exchange::new(1, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut stream), Flow::Continue);
+        answered(&mut exchange, &mut host, &mut stream, 40, 20);
+        // The caller's own headers replace Azure's of the same kind.
+        assert_eq!(
+            stream.response_header("x-ratelimit-remaining-requests"),
+            ["99"]
+        );
+        assert_eq!(
+            stream.response_header("x-ratelimit-remaining-tokens"),
+            ["50"]
+        );
+        assert_eq!(stream.response_header("x-ratelimit-limit-tokens"), ["50"]);
+        // Until the tick charges them, the tokens are owed in the VM.
+        let mut second = chat(BODY);
+        let mut exchange = Exchange::new(2, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut second), Flow::Continue);
+        worker.on_tick(&mut host);
+        let mut third = chat(BODY);
+        let mut exchange = Exchange::new(3, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut third), Flow::Pause);
+        let reply = third.reply.clone().unwrap();
+        assert_eq!(reply.status, 429);
+        assert_eq!(reply.json()["error"]["type"], "tokens");
+        assert!(reply
+            .headers
+            .contains(&("x-ratelimit-remaining-tokens".into(), "0".into())));
+        // The 10 overspent tokens are carried into the next minute, no further.
+        world.advance(60_000);
+        let mut fourth = chat(BODY);
+        let mut exchange = Exchange::new(4, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut fourth), Flow::Continue);
+        answered(&mut exchange, &mut host, &mut fourth, 1, 1);
+        assert_eq!(
+            fourth.response_header("x-ratelimit-remaining-tokens"),
+            ["40"]
+        );
+    }
+
+    #[test]
+    fn global_limits_get_the_caller_and_model_as_headers_and_the_tokens_as_a_property() {
+        let world = World::new(1_000);
+        let mut host = FakeHost::new(&world, 1);
+        let worker = limited_worker(
+            &mut host,
+            serde_json::json!({"requests_per_minute": 9}),
+            true,
+        );
+        let mut stream = chat(BODY);
+        stream
+            .request_headers
+            .push(("x-azure-openai-caller".into(), b"someone-else".to_vec()));
+        let mut exchange = Exchange::new(1, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut stream), Flow::Continue);
+        assert_eq!(stream.header("x-azure-openai-caller"), ["team"]);
+        assert_eq!(stream.header("x-azure-openai-model"), ["gpt-4o"]);
+        assert!(stream.properties.is_empty());
+        answered(&mut exchange, &mut host, &mut stream, 7, 5);
+        assert_eq!(
+            stream.properties.get(TOKENS_PROPERTY).map(Vec::as_slice),
+            Some(&b"12"[..])
+        );
+        // A request with no model: the model header goes.
+        let mut stored = FakeStream::request(
+            "GET",
+            "/v1/responses/resp_1",
+            &[
+                ("authorization", &format!("Bearer {KEY}")),
+                ("x-azure-openai-model", "gpt-4o"),
+            ],
+            b"",
+        );
+        let mut exchange = Exchange::new(2, Some(worker));
+        exchange.on_request_headers(&mut host, &mut stored, true);
+        assert_eq!(stored.reply, None);
+        assert_eq!(stored.header("x-azure-openai-caller"), ["team"]);
+        assert!(stored.header("x-azure-openai-model").is_empty());
     }
 }

@@ -553,6 +553,12 @@ pub fn bearer(token: &Secret) -> HeaderEdit<'static> {
 /// Caller credentials: they never travel upstream.
 pub const CALLER_CREDENTIAL_HEADERS: [&str; 2] = ["authorization", "api-key"];
 
+/// With `global_rate_limit`, the caller's name and the model's alias, for
+/// the descriptors of Envoy's rate-limit filter (the route removes them
+/// before the request goes upstream). The filter always sets them,
+/// replacing whatever the caller sent.
+pub const RATE_LIMIT_HEADERS: [&str; 2] = ["x-azure-openai-caller", "x-azure-openai-model"];
+
 impl Forward<'_> {
     /// The token credential (index into `Config::credentials`) this request
     /// needs, if its upstream uses one.
@@ -636,6 +642,22 @@ impl Forward<'_> {
                 Cow::Borrowed(spillover.as_bytes()),
             ));
         }
+        if config.global_rate_limit {
+            edits.push(HeaderEdit::Set(
+                Cow::Borrowed(RATE_LIMIT_HEADERS[0]),
+                Cow::Borrowed(self.caller.as_bytes()),
+            ));
+            match self.model {
+                Some(model) => edits.push(HeaderEdit::Set(
+                    Cow::Borrowed(RATE_LIMIT_HEADERS[1]),
+                    Cow::Borrowed(model.alias.as_bytes()),
+                )),
+                None if headers::first(caller, RATE_LIMIT_HEADERS[1]).is_some() => {
+                    edits.push(HeaderEdit::Remove(Cow::Borrowed(RATE_LIMIT_HEADERS[1])))
+                }
+                None => {}
+            }
+        }
         edits.extend(credential);
         edits
     }
@@ -672,6 +694,7 @@ impl Forward<'_> {
                     && !name.starts_with(b"x-envoy-")
                     && !name.starts_with(b"x-ms-")
                     && !DROPPED.iter().any(|d| d.as_bytes() == *name)
+                    && !RATE_LIMIT_HEADERS.iter().any(|r| r.as_bytes() == *name)
                     && !CALLER_CREDENTIAL_HEADERS
                         .iter()
                         .any(|c| c.as_bytes() == *name)
@@ -691,7 +714,10 @@ impl Forward<'_> {
         ));
         for edit in self.header_edits(config, &[], token) {
             match edit {
-                HeaderEdit::Set(name, value) if name != config.cluster_header.as_str() => {
+                HeaderEdit::Set(name, value)
+                    if name != config.cluster_header.as_str()
+                        && !RATE_LIMIT_HEADERS.contains(&name.as_ref()) =>
+                {
                     out.retain(|(n, _)| *n != name);
                     out.push((
                         name.into_owned(),

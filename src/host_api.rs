@@ -130,6 +130,8 @@ pub trait Stream {
     fn replace_request_body_prefix(&mut self, len: usize, with: &[u8]) -> Result<(), HostError>;
 
     fn response_headers(&mut self) -> Result<Vec<u8>, HostError>;
+    /// Replaces every value the response header had.
+    fn set_response_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError>;
     fn remove_response_header(&mut self, name: &str) -> Result<(), HostError>;
     fn response_body(&mut self, start: usize, len: usize) -> Result<Vec<u8>, HostError>;
     /// Replaces `len` bytes of the response body from `start` (0 or the
@@ -150,6 +152,9 @@ pub trait Stream {
     ) -> Result<(), HostError>;
     /// Lets a request held on its headers go on.
     fn resume_request(&mut self) -> Result<(), HostError>;
+    /// Publishes a value for Envoy's other filters and access logs (filter
+    /// state `wasm.<name>`).
+    fn set_property(&mut self, name: &str, value: &[u8]) -> Result<(), HostError>;
 }
 
 /// Writes a log line if the host's level lets it through; the message is

@@ -26,6 +26,7 @@ mod gateway;
 mod headers;
 mod host_api;
 mod json;
+mod limits;
 mod metrics;
 mod pool;
 mod routes;

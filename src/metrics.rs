@@ -150,6 +150,10 @@ pub struct Recorder {
     remaining: BTreeMap<usize, [Gauge; 2]>,
     /// Per target of a pool.
     targets: BTreeMap<usize, TargetStats>,
+    /// Requests refused for a caller's limits: per caller, limit
+    /// (`requests`, `tokens`, `-` when the rate-limit service does not say)
+    /// and scope (`local`, `global`).
+    limited: BTreeMap<(Option<usize>, &'static str, &'static str), Count>,
     dirty: bool,
 }
 
@@ -246,6 +250,15 @@ impl Recorder {
         }
     }
 
+    /// Counts a request refused for a caller's limits.
+    pub fn limited(&mut self, caller: Option<usize>, limit: &'static str, scope: &'static str) {
+        self.limited
+            .entry((caller, limit, scope))
+            .or_default()
+            .add(1);
+        self.dirty = true;
+    }
+
     /// Whether each target of a pool is cooling down right now (the tick).
     pub fn cooling(&mut self, cooldowns: &crate::pool::Cooldowns, now: u64, targets: usize) {
         for target in 0..targets {
@@ -331,6 +344,18 @@ impl Recorder {
                     host.set_metric(id, value);
                 }
             }
+        }
+        for ((caller, limit, scope), count) in &mut self.limited {
+            flush_count(host, count, || {
+                stat_name(
+                    "azure_openai_limited_total",
+                    &[
+                        ("caller", caller_label(config, *caller)),
+                        ("limit", limit),
+                        ("scope", scope),
+                    ],
+                )
+            });
         }
         for (target, gauges) in &mut self.remaining {
             let (_, upstream, deployment) = model_labels(config, None, Some(*target));

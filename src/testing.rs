@@ -208,6 +208,8 @@ pub struct FakeStream {
     pub response_body: Vec<u8>,
     pub reply: Option<Reply>,
     pub resumed: bool,
+    /// What the filter published (`set_property`), last value per name.
+    pub properties: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
 impl FakeStream {
@@ -231,6 +233,15 @@ impl FakeStream {
     /// Every value of a request header, as the upstream would get them.
     pub fn header(&self, name: &str) -> Vec<String> {
         self.request_headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .collect()
+    }
+
+    /// Every value of a response header, as the caller would get them.
+    pub fn response_header(&self, name: &str) -> Vec<String> {
+        self.response_headers
             .iter()
             .filter(|(n, _)| n == name)
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
@@ -286,6 +297,13 @@ impl Stream for FakeStream {
         Ok(encode(&self.response_headers))
     }
 
+    fn set_response_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {
+        self.response_headers.retain(|(n, _)| n != name);
+        self.response_headers
+            .push((name.to_string(), value.to_vec()));
+        Ok(())
+    }
+
     fn remove_response_header(&mut self, name: &str) -> Result<(), HostError> {
         self.response_headers.retain(|(n, _)| n != name);
         Ok(())
@@ -336,6 +354,11 @@ impl Stream for FakeStream {
 
     fn resume_request(&mut self) -> Result<(), HostError> {
         self.resumed = true;
+        Ok(())
+    }
+
+    fn set_property(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {
+        self.properties.insert(name.to_string(), value.to_vec());
         Ok(())
     }
 }

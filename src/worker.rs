@@ -8,6 +8,7 @@
 //! the host to carry out on those requests' streams ([`carry_out`]).
 
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use crate::body_watch::BodyWatch;
@@ -15,6 +16,7 @@ use crate::config::Config;
 use crate::errors::ApiError;
 use crate::gateway::HeaderEdit;
 use crate::host_api::{log, CalloutResponse, Host, HostError, Level, Stream};
+use crate::limits;
 use crate::metrics::Recorder;
 use crate::pool::Cooldowns;
 use crate::token::{Settlement, Tokens, MAX_TOKEN_RESPONSE_BYTES};
@@ -33,6 +35,9 @@ pub struct Worker {
     pub metrics: RefCell<Recorder>,
     /// The pools' cooldowns, as this worker knows them.
     pub cooldowns: RefCell<Cooldowns>,
+    /// Tokens this VM's answers used, per limited caller, not yet charged
+    /// to the callers' windows (the tick charges them).
+    pub charges: RefCell<BTreeMap<usize, u64>>,
     /// Whether some model has several targets (whose cooldowns are read on
     /// every tick).
     pools: bool,
@@ -69,7 +74,9 @@ impl Worker {
             RefCell::new(tokens)
         });
         let pools = config.models.iter().any(|m| m.targets.len() > 1);
+        limits::create_windows(host, &config);
         let worker = Worker {
+            charges: RefCell::new(BTreeMap::new()),
             cooldowns: RefCell::new(Cooldowns::new(&config, seed)),
             pools,
             config,
@@ -83,7 +90,19 @@ impl Worker {
         worker
     }
 
-    /// The root's tick: token work, and requests whose body never came.
+    /// Counts tokens a limited caller's answer used (charged on the tick).
+    pub fn owe(&self, caller: usize, tokens: u64) {
+        if tokens == 0 {
+            return;
+        }
+        if let Ok(mut charges) = self.charges.try_borrow_mut() {
+            let owed = charges.entry(caller).or_default();
+            *owed = owed.saturating_add(tokens);
+        }
+    }
+
+    /// The root's tick: cooldowns, tokens charged to limited callers, metrics,
+    /// token work, and requests whose body never came.
     /// A busy borrow skips the work until the next tick.
     pub fn on_tick(&self, host: &mut dyn Host) -> Vec<Chore> {
         if self.pools {
@@ -92,6 +111,11 @@ impl Worker {
                 if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
                     metrics.cooling(&cooldowns, host.now_ms(), self.config.targets.len());
                 }
+            }
+        }
+        if let Ok(mut charges) = self.charges.try_borrow_mut() {
+            for (caller, tokens) in std::mem::take(&mut *charges) {
+                limits::charge(host, &self.config, caller, tokens);
             }
         }
         if let Ok(mut metrics) = self.metrics.try_borrow_mut() {

@@ -68,6 +68,9 @@ fn error(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
 pub struct Config {
     pub cluster_header: String,
     pub max_request_body_bytes: usize,
+    /// Publish what Envoy's rate-limit filter needs (descriptor headers and
+    /// the tokens a request used).
+    pub global_rate_limit: bool,
     pub upstreams: Vec<Upstream>,
     pub models: Vec<Model>,
     /// Every deployment some model uses, once.
@@ -126,7 +129,18 @@ pub struct Caller {
     pub name: String,
     pub key_sha256: [u8; 32],
     pub access: ModelAccess,
+    /// Requests and tokens per minute, across all its models.
+    pub limits: Option<CallerLimits>,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerLimits {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// Limits are 1 to this.
+const MAX_LIMIT: u64 = 1_000_000_000_000;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum ModelAccess {
@@ -222,6 +236,15 @@ fn validate(raw: RawConfig, env: Env) -> Result<Config, ConfigError> {
         Some(name) => check_cluster_header(name)?,
         None => DEFAULT_CLUSTER_HEADER.to_string(),
     };
+    let global_rate_limit = raw.global_rate_limit.unwrap_or(false);
+    if global_rate_limit
+        && ["x-azure-openai-caller", "x-azure-openai-model"].contains(&cluster_header.as_str())
+    {
+        return Err(error(
+            "cluster_header",
+            "is a header the filter sets for global_rate_limit; choose another name",
+        ));
+    }
     let max_request_body_bytes = check_max_body(raw.max_request_body_bytes)?;
     let (upstreams, credentials) = validate_upstreams(raw.upstreams, &default_api_version, env)?;
     let responses_upstream = match raw.responses_upstream {
@@ -235,6 +258,7 @@ fn validate(raw: RawConfig, env: Env) -> Result<Config, ConfigError> {
     Ok(Config {
         cluster_header,
         max_request_body_bytes,
+        global_rate_limit,
         upstreams,
         models,
         targets,
@@ -512,6 +536,10 @@ fn validate_caller(
     check_label(&format!("{path}.name"), &raw.name)?;
     let key_sha256 =
         parse_sha256_hex(&raw.key_sha256).map_err(|m| error(format!("{path}.key_sha256"), m))?;
+    let limits = match raw.limits {
+        None => None,
+        Some((path, requests, tokens)) => Some(check_limits(&path, requests, tokens)?),
+    };
 
     if raw.models.is_empty() {
         return Err(error(
@@ -533,6 +561,7 @@ fn validate_caller(
                 name: raw.name,
                 key_sha256,
                 access: ModelAccess::Any,
+                limits,
             });
         }
         let index = *model_index.get(alias).ok_or_else(|| {
@@ -554,6 +583,7 @@ fn validate_caller(
         name: raw.name,
         key_sha256,
         access: ModelAccess::Only(allowed),
+        limits,
     })
 }
 
@@ -596,6 +626,36 @@ pub(super) fn resolve_secret(path: &str, raw: RawSecret, env: Env) -> Result<Sec
         ));
     }
     Ok(Secret::new(value))
+}
+
+fn check_limits(
+    path: &str,
+    requests: Option<u64>,
+    tokens: Option<u64>,
+) -> Result<CallerLimits, ConfigError> {
+    for (field, value) in [
+        ("requests_per_minute", requests),
+        ("tokens_per_minute", tokens),
+    ] {
+        if let Some(value) = value {
+            if value == 0 || value > MAX_LIMIT {
+                return Err(error(
+                    format!("{path}.{field}"),
+                    format!("must be 1 to {MAX_LIMIT}"),
+                ));
+            }
+        }
+    }
+    if requests.is_none() && tokens.is_none() {
+        return Err(error(
+            path,
+            "set requests_per_minute, tokens_per_minute or both (or leave limits out)",
+        ));
+    }
+    Ok(CallerLimits {
+        requests_per_minute: requests,
+        tokens_per_minute: tokens,
+    })
 }
 
 fn check_cluster_header(name: String) -> Result<String, ConfigError> {

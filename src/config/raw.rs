@@ -13,6 +13,7 @@ pub struct RawConfig {
     pub cluster_header: Option<String>,
     pub max_request_body_bytes: Option<u64>,
     pub responses_upstream: Option<String>,
+    pub global_rate_limit: Option<bool>,
 }
 
 pub struct RawUpstream {
@@ -91,6 +92,8 @@ pub struct RawCaller {
     pub name: String,
     pub key_sha256: String,
     pub models: Vec<String>,
+    /// `{requests_per_minute, tokens_per_minute}`, with the field's path.
+    pub limits: Option<(String, Option<u64>, Option<u64>)>,
 }
 
 impl RawConfig {
@@ -106,6 +109,7 @@ impl RawConfig {
                 "cluster_header",
                 "max_request_body_bytes",
                 "responses_upstream",
+                "global_rate_limit",
             ],
         )?;
         let upstreams = entries(&top.path_of("upstreams"), top.required("upstreams")?)?
@@ -130,6 +134,7 @@ impl RawConfig {
             cluster_header: top.optional_string("cluster_header")?,
             max_request_body_bytes: top.optional_u64("max_request_body_bytes")?,
             responses_upstream: top.optional_string("responses_upstream")?,
+            global_rate_limit: top.optional_bool("global_rate_limit")?,
         })
     }
 }
@@ -319,7 +324,23 @@ impl RawTarget {
 
 impl RawCaller {
     fn read(path: &str, json: &Json) -> Result<Self, ConfigError> {
-        let object = Object::new(path, json, &["name", "key_sha256", "models"])?;
+        let object = Object::new(path, json, &["name", "key_sha256", "models", "limits"])?;
+        let limits = match object.optional("limits") {
+            None => None,
+            Some(json) => {
+                let limits_path = object.path_of("limits");
+                let limits = Object::new(
+                    &limits_path,
+                    json,
+                    &["requests_per_minute", "tokens_per_minute"],
+                )?;
+                Some((
+                    limits_path,
+                    limits.optional_u64("requests_per_minute")?,
+                    limits.optional_u64("tokens_per_minute")?,
+                ))
+            }
+        };
         let models_path = object.path_of("models");
         let models = array(&models_path, object.required("models")?)?
             .iter()
@@ -330,6 +351,7 @@ impl RawCaller {
             name: object.string("name")?,
             key_sha256: object.string("key_sha256")?,
             models,
+            limits,
         })
     }
 }
@@ -386,6 +408,17 @@ impl<'a> Object<'a> {
         self.optional(key)
             .map(|json| string(&self.path_of(key), json))
             .transpose()
+    }
+
+    fn optional_bool(&self, key: &str) -> Result<Option<bool>, ConfigError> {
+        match self.optional(key) {
+            None => Ok(None),
+            Some(Json::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(error(
+                self.path_of(key),
+                format!("expected true or false, got {}", describe(other)),
+            )),
+        }
     }
 
     fn optional_u64(&self, key: &str) -> Result<Option<u64>, ConfigError> {

@@ -1137,3 +1137,66 @@ fn bad_pools_are_refused_naming_the_field() {
     assert_eq!(error.path, "models.gpt-4o.targets");
     assert!(error.message.contains("not both"), "{}", error.message);
 }
+
+#[test]
+fn caller_limits_are_read_and_checked() {
+    let limited = with(
+        base(),
+        "/callers/0/limits",
+        json!({"requests_per_minute": 600, "tokens_per_minute": 200000}),
+    );
+    let config = load(&limited).unwrap();
+    assert_eq!(
+        config.callers[0].limits,
+        Some(CallerLimits {
+            requests_per_minute: Some(600),
+            tokens_per_minute: Some(200_000),
+        })
+    );
+    assert_eq!(config.callers[1].limits, None);
+    assert!(!config.global_rate_limit);
+    let only_tokens = with(base(), "/callers/0/limits", json!({"tokens_per_minute": 5}));
+    assert_eq!(
+        load(&only_tokens).unwrap().callers[0].limits,
+        Some(CallerLimits {
+            requests_per_minute: None,
+            tokens_per_minute: Some(5),
+        })
+    );
+    for (limits, expected) in [
+        (
+            json!({"requests_per_minute": 0}),
+            "callers[0].limits.requests_per_minute: must be 1 to",
+        ),
+        (
+            json!({"tokens_per_minute": -3}),
+            "callers[0].limits.tokens_per_minute",
+        ),
+        (
+            json!({"tokens_per_minute": 2e12}),
+            "callers[0].limits.tokens_per_minute",
+        ),
+        (json!({}), "callers[0].limits: set requests_per_minute"),
+        (
+            json!({"requests_per_min": 5}),
+            "callers[0].limits.requests_per_min",
+        ),
+        (json!(600), "callers[0].limits"),
+    ] {
+        let message = refused(with(base(), "/callers/0/limits", limits.clone()));
+        assert!(message.contains(expected), "{limits}: {message}");
+    }
+}
+
+#[test]
+fn global_rate_limit_is_a_flag_whose_headers_are_not_the_routing_header() {
+    let global = with(base(), "/global_rate_limit", json!(true));
+    assert!(load(&global).unwrap().global_rate_limit);
+    let message = refused(with(base(), "/global_rate_limit", json!("yes")));
+    assert!(
+        message.contains("global_rate_limit: expected true or false"),
+        "{message}"
+    );
+    let clash = with(global, "/cluster_header", json!("X-Azure-OpenAI-Caller"));
+    assert!(refused(clash).contains("cluster_header: is a header the filter sets"));
+}

@@ -87,6 +87,12 @@ extern "C" {
         value_size: usize,
     ) -> u32;
     fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_set_property(
+        path_data: *const u8,
+        path_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
     fn proxy_get_buffer_bytes(
         buffer_type: u32,
         start: usize,
@@ -232,6 +238,13 @@ pub fn set_header(map: HeaderMap, name: &str, value: &[u8]) -> Result<(), Status
 pub fn remove_header(map: HeaderMap, name: &str) -> Result<(), Status> {
     // SAFETY: name is live for the call.
     check(unsafe { proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) })
+}
+
+/// Sets a property of the stream: Envoy keeps it as filter state
+/// `wasm.<name>` (a one-segment path: no NUL in `name`).
+pub fn set_property(name: &str, value: &[u8]) -> Result<(), Status> {
+    // SAFETY: both slices are live for the call.
+    check(unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
 }
 
 /// Up to `max` bytes of a buffer from `start`.

@@ -108,6 +108,10 @@ impl Stream for WasmStream {
         abi::get_headers(HeaderMap::Response).map_err(host_error)
     }
 
+    fn set_response_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {
+        abi::set_header(HeaderMap::Response, name, value).map_err(host_error)
+    }
+
     fn remove_response_header(&mut self, name: &str) -> Result<(), HostError> {
         abi::remove_header(HeaderMap::Response, name).map_err(host_error)
     }
@@ -136,5 +140,9 @@ impl Stream for WasmStream {
 
     fn resume_request(&mut self) -> Result<(), HostError> {
         abi::resume_request().map_err(host_error)
+    }
+
+    fn set_property(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {
+        abi::set_property(name, value).map_err(host_error)
     }
 }

@@ -26,6 +26,12 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The tokens a caller's limit is charged: input (cached included) and
+    /// output (reasoning included).
+    pub fn total(&self) -> u64 {
+        self.input.saturating_add(self.output)
+    }
+
     /// Reads a `usage` object, in either naming (chat's
     /// `prompt_tokens`/`completion_tokens` or the Responses API's
     /// `input_tokens`/`output_tokens`). None when it holds no counts.

@@ -310,7 +310,8 @@ def local_reply_config(cluster_header="x-azure-openai-cluster"):
 # The labels of the filter's metrics, carried in stat names as
 # `_label=.=value;.;` (src/metrics.rs); the same rules are in every
 # envoy/*.yaml.
-METRIC_LABELS = ["caller", "model", "upstream", "deployment", "operation", "status", "type", "le"]
+METRIC_LABELS = ["caller", "model", "upstream", "deployment", "operation", "status", "type", "le",
+                 "limit", "scope"]
 STATS_TAGS = [{"tag_name": label, "regex": f"(_?{label}=\\.=(.*?);\\.;)"}
               for label in METRIC_LABELS]
 

@@ -229,13 +229,33 @@ pub fn describe(config: &Config) -> String {
                 .collect::<Vec<_>>()
                 .join(", "),
         };
-        let _ = writeln!(out, "    {}: {models}", caller.name);
+        let limits = match &caller.limits {
+            None => String::new(),
+            Some(limits) => {
+                let mut parts = Vec::new();
+                if let Some(rpm) = limits.requests_per_minute {
+                    parts.push(format!("{rpm} requests"));
+                }
+                if let Some(tpm) = limits.tokens_per_minute {
+                    parts.push(format!("{tpm} tokens"));
+                }
+                format!(" (limits per minute: {})", parts.join(", "))
+            }
+        };
+        let _ = writeln!(out, "    {}: {models}{limits}", caller.name);
     }
     let _ = writeln!(
         out,
         "  routing header: {}; largest request body: {} bytes",
         config.cluster_header, config.max_request_body_bytes
     );
+    if config.global_rate_limit {
+        let _ = writeln!(
+            out,
+            "  global rate limits: on (headers x-azure-openai-caller and x-azure-openai-model, \
+             filter state wasm.azure_openai_tokens; the route must remove the headers)"
+        );
+    }
     out
 }
 
