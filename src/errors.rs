@@ -69,6 +69,32 @@ impl ApiError {
         )
     }
 
+    /// A caller's own upstream key where its upstream does not take one
+    /// from this caller.
+    pub fn caller_key_not_allowed(header: &str, upstream: &str) -> Self {
+        Self::new(
+            400,
+            INVALID_REQUEST,
+            "caller_credentials_not_allowed",
+            format!(
+                "This request carries `{header}`, but upstream `{upstream}` does not take this \
+                 caller's own key in it. Remove the header to use the gateway's credential."
+            ),
+        )
+    }
+
+    pub fn invalid_caller_key(header: &str) -> Self {
+        Self::new(
+            400,
+            INVALID_REQUEST,
+            "invalid_upstream_api_key",
+            format!(
+                "The `{header}` header must be sent once, holding one key (1 to 512 visible \
+                 ASCII characters)."
+            ),
+        )
+    }
+
     pub fn invalid_api_key() -> Self {
         Self::new(
             401,

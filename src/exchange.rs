@@ -796,7 +796,8 @@ impl Exchange {
                 send_reply(host, stream, status, &reply, &body);
                 Ok(Flow::Pause)
             }
-            Plan::Forward(forward) => {
+            Plan::Forward(mut forward) => {
+                gateway::take_caller_key(config, &mut forward, &request_headers)?;
                 let flow = self.forward(host, stream, &worker, &forward, &request_headers)?;
                 if !end_of_stream {
                     if let State::Forwarded(streamed) = &mut self.state {
@@ -865,14 +866,19 @@ impl Exchange {
                 &mut gateway::FirstTarget,
             )?,
         };
-        let Some(forward) = routed else {
+        let Some(mut forward) = routed else {
             self.state = State::AwaitingBody(pending, reader, encoded_headers);
             return Ok(Flow::Pause); // buffer until the whole body is in
         };
         self.release_watch();
+        let request_headers = headers::decode(&encoded_headers).ok_or_else(unreadable_headers)?;
+        gateway::take_caller_key(&worker.config, &mut forward, &request_headers)?;
         // A pool's request keeps its body as sent, to send it again to
         // another target should this one fail (read before it is edited).
-        if let (Some(model), Some(target)) = (pool_model(&worker, &forward), forward.target) {
+        // One with the caller's own key stays on the upstream it was meant
+        // for.
+        let pooled = pool_model(&worker, &forward).filter(|_| forward.caller_key.is_none());
+        if let (Some(model), Some(target)) = (pooled, forward.target) {
             let body = stream
                 .request_body(0, body_size)
                 .map_err(|_| ApiError::internal("could not read the request body"))?;
@@ -893,7 +899,6 @@ impl Exchange {
                 callout: None,
             });
         }
-        let request_headers = headers::decode(&encoded_headers).ok_or_else(unreadable_headers)?;
         if let Some(edit) = &forward.body_edit {
             stream
                 .replace_request_body_prefix(edit.replace, &edit.with)
@@ -997,8 +1002,15 @@ impl Exchange {
             host,
             Level::Debug,
             format_args!(
-                "request {}: caller `{}` model `{alias}` -> upstream `{}` {path}",
-                self.id, forward.caller, forward.upstream.name
+                "request {}: caller `{}` model `{alias}` -> upstream `{}` {path}{}",
+                self.id,
+                forward.caller,
+                forward.upstream.name,
+                if forward.caller_key.is_some() {
+                    " (with the caller's own key)"
+                } else {
+                    ""
+                }
             ),
         );
         Ok(Flow::Continue)
@@ -1608,5 +1620,95 @@ mod tests {
         assert_eq!(stored.reply, None);
         assert_eq!(stored.header("x-azure-openai-caller"), ["team"]);
         assert!(stored.header("x-azure-openai-model").is_empty());
+    }
+
+    fn byok_worker(host: &mut FakeHost, auth: serde_json::Value) -> Rc<Worker> {
+        let json = serde_json::json!({
+            "upstreams": {"west": {"endpoint": "https://acme-west.openai.azure.com",
+                                   "cluster": "azure_west", "auth": auth,
+                                   "headers": {"Ocp-Apim-Subscription-Key": {"value": "apim-sub"}},
+                                   "caller_credentials": {"callers": ["team"]}}},
+            "models": {"gpt-4o": {"upstream": "west", "deployment": "gpt4o-prod"}},
+            "callers": [{"name": "team", "key_sha256": hex::encode(Sha256::digest(KEY)),
+                         "models": ["gpt-4o"]},
+                        {"name": "other", "key_sha256": hex::encode(Sha256::digest("sk-other")),
+                         "models": ["gpt-4o"]}]
+        });
+        let config = Config::from_json(json.to_string().as_bytes(), &|_| None).unwrap();
+        Rc::new(Worker::new(Rc::new(config), 1, host))
+    }
+
+    #[test]
+    fn a_callers_own_key_replaces_the_upstreams_where_allowed_and_never_travels_as_sent() {
+        let world = World::new(1_000);
+        let mut host = FakeHost::new(&world, 1);
+        let worker = byok_worker(
+            &mut host,
+            serde_json::json!({"api_key": {"value": "west-key"}}),
+        );
+        let mut stream = chat(BODY);
+        stream
+            .request_headers
+            .push(("x-upstream-api-key".into(), b"tenant-own-key".to_vec()));
+        let mut exchange = Exchange::new(1, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut stream), Flow::Continue);
+        assert_eq!(stream.header("api-key"), ["tenant-own-key"]);
+        assert!(stream.header("x-upstream-api-key").is_empty());
+        assert!(stream.header("authorization").is_empty());
+        assert_eq!(stream.header("ocp-apim-subscription-key"), ["apim-sub"]);
+        assert!(host.logged("(with the caller's own key)"));
+        assert!(!host.logged("tenant-own-key") && !host.logged("apim-sub"));
+        // Without the header, the upstream's own key (and the extra header).
+        let mut plain = chat(BODY);
+        let mut exchange = Exchange::new(2, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut plain), Flow::Continue);
+        assert_eq!(plain.header("api-key"), ["west-key"]);
+        assert_eq!(plain.header("ocp-apim-subscription-key"), ["apim-sub"]);
+        // Another caller may not send one: 400, nothing forwarded, the key not echoed.
+        for (key, value, code) in [
+            (
+                "sk-other",
+                "tenant-own-key",
+                "caller_credentials_not_allowed",
+            ),
+            (KEY, "two keys", "invalid_upstream_api_key"),
+        ] {
+            let mut refused = FakeStream::request(
+                "POST",
+                "/v1/chat/completions",
+                &[
+                    ("authorization", &format!("Bearer {key}")),
+                    ("content-type", "application/json"),
+                    ("x-upstream-api-key", value),
+                ],
+                BODY.as_bytes(),
+            );
+            let mut exchange = Exchange::new(3, Some(worker.clone()));
+            assert_eq!(send(&mut exchange, &mut host, &mut refused), Flow::Pause);
+            let reply = refused.reply.clone().unwrap();
+            assert_eq!(
+                (reply.status, reply.json()["error"]["code"].as_str()),
+                (400, Some(code))
+            );
+            assert!(!String::from_utf8_lossy(&reply.body).contains(value));
+        }
+    }
+
+    #[test]
+    fn a_callers_own_key_on_a_token_upstream_needs_no_token() {
+        let world = World::new(1_000_000);
+        let mut host = FakeHost::new(&world, 1);
+        let worker = byok_worker(
+            &mut host,
+            serde_json::json!({"managed_identity": {"imds_cluster": "imds"}}),
+        );
+        let mut stream = chat(BODY);
+        stream
+            .request_headers
+            .push(("x-upstream-api-key".into(), b"tenant-own-key".to_vec()));
+        let mut exchange = Exchange::new(1, Some(worker));
+        assert_eq!(send(&mut exchange, &mut host, &mut stream), Flow::Continue);
+        assert_eq!(stream.header("api-key"), ["tenant-own-key"]);
+        assert!(stream.header("authorization").is_empty());
     }
 }

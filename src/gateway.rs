@@ -125,6 +125,9 @@ pub struct Forward<'c> {
     pub strip_usage: bool,
     /// `x-ms-spillover-deployment` for the target, if it has one.
     pub spillover: Option<&'c str>,
+    /// The caller's own key for the upstream (see [`take_caller_key`]):
+    /// sent as `api-key` in place of the upstream's credential.
+    pub caller_key: Option<Secret>,
 }
 
 /// Picks a model's target (for pools: by priority, weight and cooldown).
@@ -215,6 +218,7 @@ pub fn plan<'c>(
                 op: None,
                 strip_usage: false,
                 spillover: None,
+                caller_key: None,
             }))
         }
     }
@@ -248,6 +252,7 @@ fn forward_to<'c>(
         op: Some(op),
         strip_usage,
         spillover,
+        caller_key: None,
     })
 }
 
@@ -559,10 +564,53 @@ pub const CALLER_CREDENTIAL_HEADERS: [&str; 2] = ["authorization", "api-key"];
 /// replacing whatever the caller sent.
 pub const RATE_LIMIT_HEADERS: [&str; 2] = ["x-azure-openai-caller", "x-azure-openai-model"];
 
+/// A caller's own upstream key, in the header its upstream names
+/// (`upstreams.<name>.caller_credentials`): taken into the request (after
+/// the caller's gateway key and allowlist were checked) where its upstream
+/// allows it for this caller; anywhere else, and in any other of the
+/// headers some upstream names, it gets 400. The key is never echoed.
+pub fn take_caller_key(
+    config: &Config,
+    forward: &mut Forward<'_>,
+    caller: &[Header<'_>],
+) -> Result<(), ApiError> {
+    let mut sent = config
+        .caller_key_headers
+        .iter()
+        .flat_map(|name| headers::values(caller, name).map(move |value| (name, value)));
+    let Some((name, value)) = sent.next() else {
+        return Ok(());
+    };
+    let allowed = forward
+        .upstream
+        .caller_keys
+        .as_ref()
+        .filter(|keys| keys.header == *name && keys.allows(forward.caller));
+    if allowed.is_none() {
+        return Err(ApiError::caller_key_not_allowed(
+            name,
+            &forward.upstream.name,
+        ));
+    }
+    if sent.next().is_some() {
+        return Err(ApiError::invalid_caller_key(name));
+    }
+    let plausible = (1..=512).contains(&value.len()) && value.iter().all(|b| b.is_ascii_graphic());
+    let key = std::str::from_utf8(value)
+        .ok()
+        .filter(|_| plausible)
+        .ok_or_else(|| ApiError::invalid_caller_key(name))?;
+    forward.caller_key = Some(Secret::new(key.to_string()));
+    Ok(())
+}
+
 impl Forward<'_> {
     /// The token credential (index into `Config::credentials`) this request
-    /// needs, if its upstream uses one.
+    /// needs, if its upstream uses one (and the caller sent no key of its own).
     pub fn token_credential(&self) -> Option<usize> {
+        if self.caller_key.is_some() {
+            return None;
+        }
         match self.upstream.auth {
             UpstreamAuth::Token(index) => Some(index),
             UpstreamAuth::ApiKey(_) | UpstreamAuth::Bearer(_) => None,
@@ -587,6 +635,12 @@ impl Forward<'_> {
         token: Option<&Secret>,
     ) -> Vec<HeaderEdit<'a>> {
         let credential = match (&self.upstream.auth, token) {
+            _ if self.caller_key.is_some() => self.caller_key.as_ref().map(|key| {
+                HeaderEdit::Set(
+                    Cow::Borrowed("api-key"),
+                    Cow::Borrowed(key.expose().as_bytes()),
+                )
+            }),
             (UpstreamAuth::ApiKey(key), _) => Some(HeaderEdit::Set(
                 Cow::Borrowed("api-key"),
                 Cow::Borrowed(key.expose().as_bytes()),
@@ -603,6 +657,12 @@ impl Forward<'_> {
         for name in CALLER_CREDENTIAL_HEADERS {
             if name != overwritten && headers::first(caller, name).is_some() {
                 edits.push(HeaderEdit::Remove(Cow::Borrowed(name)));
+            }
+        }
+        // A caller's own upstream key never travels under its own name.
+        for name in &config.caller_key_headers {
+            if headers::first(caller, name).is_some() {
+                edits.push(HeaderEdit::Remove(Cow::Borrowed(name.as_str())));
             }
         }
         // Headers that steer Azure (`x-ms-spillover-deployment`, ...) are
@@ -658,6 +718,12 @@ impl Forward<'_> {
                 None => {}
             }
         }
+        for (name, value) in &self.upstream.headers {
+            edits.push(HeaderEdit::Set(
+                Cow::Borrowed(name.as_str()),
+                Cow::Borrowed(value.expose().as_bytes()),
+            ));
+        }
         edits.extend(credential);
         edits
     }
@@ -695,6 +761,10 @@ impl Forward<'_> {
                     && !name.starts_with(b"x-ms-")
                     && !DROPPED.iter().any(|d| d.as_bytes() == *name)
                     && !RATE_LIMIT_HEADERS.iter().any(|r| r.as_bytes() == *name)
+                    && !config
+                        .caller_key_headers
+                        .iter()
+                        .any(|c| c.as_bytes() == *name)
                     && !CALLER_CREDENTIAL_HEADERS
                         .iter()
                         .any(|c| c.as_bytes() == *name)

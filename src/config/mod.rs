@@ -71,6 +71,9 @@ pub struct Config {
     /// Publish what Envoy's rate-limit filter needs (descriptor headers and
     /// the tokens a request used).
     pub global_rate_limit: bool,
+    /// The request headers in which callers may send their own upstream
+    /// key (`x-upstream-api-key` and each upstream's own name for it).
+    pub caller_key_headers: Vec<String>,
     pub upstreams: Vec<Upstream>,
     pub models: Vec<Model>,
     /// Every deployment some model uses, once.
@@ -246,7 +249,22 @@ fn validate(raw: RawConfig, env: Env) -> Result<Config, ConfigError> {
         ));
     }
     let max_request_body_bytes = check_max_body(raw.max_request_body_bytes)?;
-    let (upstreams, credentials) = validate_upstreams(raw.upstreams, &default_api_version, env)?;
+    let caller_names: Vec<String> = raw.callers.iter().map(|c| c.name.clone()).collect();
+    let context = upstream::Context {
+        default_api_version: &default_api_version,
+        env,
+        cluster_header: &cluster_header,
+        caller_names: &caller_names,
+    };
+    let (upstreams, credentials) = validate_upstreams(raw.upstreams, &context)?;
+    // Every header a caller's own key may come in: refused wherever it is
+    // not allowed, and never forwarded under its own name.
+    let mut caller_key_headers = vec![upstream::DEFAULT_CALLER_KEY_HEADER.to_string()];
+    for keys in upstreams.iter().filter_map(|u| u.caller_keys.as_ref()) {
+        if !caller_key_headers.contains(&keys.header) {
+            caller_key_headers.push(keys.header.clone());
+        }
+    }
     let responses_upstream = match raw.responses_upstream {
         Some(name) => Some(upstream_index(&upstreams, "responses_upstream", &name)?),
         // With one upstream there is no doubt where responses live.
@@ -259,6 +277,7 @@ fn validate(raw: RawConfig, env: Env) -> Result<Config, ConfigError> {
         cluster_header,
         max_request_body_bytes,
         global_rate_limit,
+        caller_key_headers,
         upstreams,
         models,
         targets,
@@ -284,8 +303,7 @@ fn check_max_body(raw: Option<u64>) -> Result<usize, ConfigError> {
 /// The upstreams, and the token credentials they share.
 fn validate_upstreams(
     raw: Vec<(String, raw::RawUpstream)>,
-    default_api_version: &str,
-    env: Env,
+    context: &upstream::Context<'_>,
 ) -> Result<(Vec<Upstream>, Vec<Credential>), ConfigError> {
     if raw.is_empty() {
         return Err(error("upstreams", "must name at least one upstream"));
@@ -296,8 +314,7 @@ fn validate_upstreams(
         upstreams.push(upstream::validate(
             name,
             upstream,
-            default_api_version,
-            env,
+            context,
             &mut credentials,
         )?);
     }

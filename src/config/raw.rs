@@ -25,6 +25,18 @@ pub struct RawUpstream {
     /// Per operation (`"responses": "2025-04-01-preview"`), with paths.
     pub api_versions: Vec<(String, String, String)>,
     pub auth: RawAuth,
+    /// Extra headers sent upstream: (path, name, value).
+    pub headers: Vec<(String, String, RawSecret)>,
+    pub caller_credentials: Option<RawCallerCredentials>,
+}
+
+/// Callers that may send their own key for this upstream.
+pub struct RawCallerCredentials {
+    pub path: String,
+    /// The request header that carries the key (with its path).
+    pub header: Option<(String, String)>,
+    /// Caller names (or `*`), with their paths.
+    pub callers: Vec<(String, String)>,
 }
 
 pub enum RawAuth {
@@ -152,6 +164,8 @@ impl RawUpstream {
                 "api_version",
                 "api_versions",
                 "auth",
+                "headers",
+                "caller_credentials",
             ],
         )?;
         let auth_path = object.path_of("auth");
@@ -179,7 +193,26 @@ impl RawUpstream {
                 .map(|(path, op, json)| Ok((path.clone(), op, string(&path, json)?)))
                 .collect::<Result<_, ConfigError>>()?,
         };
+        let headers = match object.optional("headers") {
+            None => Vec::new(),
+            Some(json) => entries(&object.path_of("headers"), json)?
+                .into_iter()
+                .map(|(path, name, json)| {
+                    let secret = RawSecret::read(&path, json)?;
+                    Ok((path, name, secret))
+                })
+                .collect::<Result<_, ConfigError>>()?,
+        };
+        let caller_credentials = match object.optional("caller_credentials") {
+            None => None,
+            Some(json) => Some(RawCallerCredentials::read(
+                &object.path_of("caller_credentials"),
+                json,
+            )?),
+        };
         Ok(RawUpstream {
+            headers,
+            caller_credentials,
             kind: object.optional_string("kind")?,
             endpoint: object.string("endpoint")?,
             cluster: object.string("cluster")?,
@@ -187,6 +220,29 @@ impl RawUpstream {
             api_version: object.optional_string("api_version")?,
             api_versions,
             auth,
+        })
+    }
+}
+
+impl RawCallerCredentials {
+    fn read(path: &str, json: &Json) -> Result<Self, ConfigError> {
+        let object = Object::new(path, json, &["header", "callers"])?;
+        let callers_path = object.path_of("callers");
+        let callers = array(&callers_path, object.required("callers")?)?
+            .iter()
+            .enumerate()
+            .map(|(i, json)| {
+                let path = format!("{callers_path}[{i}]");
+                Ok((path.clone(), string(&path, json)?))
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        let header = object
+            .optional_string("header")?
+            .map(|name| (object.path_of("header"), name));
+        Ok(RawCallerCredentials {
+            path: path.to_string(),
+            header,
+            callers,
         })
     }
 }

@@ -1200,3 +1200,159 @@ fn global_rate_limit_is_a_flag_whose_headers_are_not_the_routing_header() {
     let clash = with(global, "/cluster_header", json!("X-Azure-OpenAI-Caller"));
     assert!(refused(clash).contains("cluster_header: is a header the filter sets"));
 }
+
+#[test]
+fn extra_upstream_headers_are_read_from_secrets_and_checked() {
+    let config = with(
+        base(),
+        "/upstreams/west/headers",
+        json!({
+            "Ocp-Apim-Subscription-Key": {"env": "AZURE_EAST_KEY"},
+            "x-corp-proxy": {"value": "proxy token 1"}
+        }),
+    );
+    let config = load(&config).unwrap();
+    let headers: Vec<(&str, &str)> = config.upstreams[0]
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.expose()))
+        .collect();
+    assert_eq!(
+        headers,
+        [
+            ("ocp-apim-subscription-key", "east-secret"),
+            ("x-corp-proxy", "proxy token 1")
+        ]
+    );
+    assert!(!format!("{config:?}").contains("east-secret"));
+    let field = "upstreams.west.headers";
+    for (name, value, expected) in [
+        ("connection", json!({"value": "x"}), "hop-by-hop"),
+        ("Transfer-Encoding", json!({"value": "x"}), "hop-by-hop"),
+        (":authority", json!({"value": "x"}), "pseudo-header"),
+        ("api-key", json!({"value": "x"}), "sets or removes itself"),
+        (
+            "Authorization",
+            json!({"value": "x"}),
+            "sets or removes itself",
+        ),
+        (
+            "x-azure-openai-cluster",
+            json!({"value": "x"}),
+            "sets or removes itself",
+        ),
+        (
+            "content-length",
+            json!({"value": "1"}),
+            "sets or removes itself",
+        ),
+        ("host", json!({"value": "x"}), "sets or removes itself"),
+        (
+            "x-envoy-upstream-rq-timeout-ms",
+            json!({"value": "1"}),
+            "Envoy's own",
+        ),
+        (
+            "bad header",
+            json!({"value": "x"}),
+            "not a valid header name",
+        ),
+        ("", json!({"value": "x"}), "not a valid header name"),
+        ("x-a", json!({"value": "line\r\nbreak"}), "cannot carry"),
+        ("x-a", json!({"value": " padded"}), "cannot carry"),
+        ("x-a", json!({"value": "caf\u{e9}"}), "cannot carry"),
+        (
+            "x-a",
+            json!({"env": "MISSING"}),
+            "not visible to the filter",
+        ),
+        ("x-a", json!("plain"), "expected an object"),
+    ] {
+        let headers = json!({ name: value });
+        let message = refused(with(base(), "/upstreams/west/headers", headers));
+        assert!(
+            message.contains(&format!("{field}.{name}")) && message.contains(expected),
+            "{name}: {message}"
+        );
+        assert!(!message.contains("line\r\nbreak") && !message.contains("padded"));
+    }
+    let twice = json!({"X-A": {"value": "1"}, "x-a": {"value": "2"}});
+    let message = refused(with(base(), "/upstreams/west/headers", twice));
+    assert!(message.contains("names a header twice"), "{message}");
+}
+
+#[test]
+fn caller_credentials_name_known_callers_and_a_free_header() {
+    let allowed = with(
+        base(),
+        "/upstreams/west/caller_credentials",
+        json!({"callers": ["team-a"]}),
+    );
+    let config = load(&allowed).unwrap();
+    let keys = config.upstreams[0].caller_keys.as_ref().unwrap();
+    assert_eq!(keys.header, "x-upstream-api-key");
+    assert!(keys.allows("team-a") && !keys.allows("ops"));
+    assert_eq!(config.caller_key_headers, ["x-upstream-api-key"]);
+    let everyone = with(
+        base(),
+        "/upstreams/west/caller_credentials",
+        json!({"callers": ["*"], "header": "X-Tenant-Key"}),
+    );
+    let config = load(&everyone).unwrap();
+    let keys = config.upstreams[0].caller_keys.as_ref().unwrap();
+    assert!(keys.allows("ops") && keys.header == "x-tenant-key");
+    assert_eq!(
+        config.caller_key_headers,
+        ["x-upstream-api-key", "x-tenant-key"]
+    );
+    // Without caller_credentials the default header is still known (and refused).
+    assert_eq!(
+        load(&base()).unwrap().caller_key_headers,
+        ["x-upstream-api-key"]
+    );
+    let field = "upstreams.west.caller_credentials";
+    for (value, expected) in [
+        (
+            json!({"callers": ["nobody"]}),
+            "callers[0]: no caller is named `nobody`",
+        ),
+        (json!({"callers": []}), "callers: name the callers"),
+        (
+            json!({"callers": ["*", "ops"]}),
+            "callers: `*` stands alone",
+        ),
+        (json!({}), "callers"),
+        (
+            json!({"callers": ["ops"], "header": "api-key"}),
+            "header: is a header the filter",
+        ),
+        (
+            json!({"callers": ["ops"], "header": "x-ms-key"}),
+            "header: is an Azure header",
+        ),
+        (
+            json!({"callers": ["ops"], "header": "x y"}),
+            "header: is not a valid header name",
+        ),
+        (json!({"callers": ["ops"], "extra": 1}), "extra"),
+    ] {
+        let message = refused(with(
+            base(),
+            "/upstreams/west/caller_credentials",
+            value.clone(),
+        ));
+        assert!(
+            message.contains(&format!("{field}.{expected}"))
+                || message.contains(&format!("{field}: ")) && message.contains(expected),
+            "{value}: {message}"
+        );
+    }
+    let openai = json!({
+        "upstreams": {"vllm": {"kind": "openai", "endpoint": "http://vllm:8000/v1",
+                               "cluster": "vllm", "auth": {"bearer": {"value": "t"}},
+                               "caller_credentials": {"callers": ["*"]}}},
+        "models": {"m": {"upstream": "vllm", "deployment": "m"}},
+        "callers": [{"name": "a", "key_sha256": TEAM_A_HASH, "models": ["*"]}]
+    });
+    assert!(refused(openai).contains("upstreams.vllm.caller_credentials: applies to Azure"));
+}

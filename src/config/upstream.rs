@@ -4,7 +4,7 @@
 
 use super::api_version::{for_operation, is_dated, serves_include_usage, too_old};
 use super::endpoint::{parse_base_url, parse_endpoint, Endpoint};
-use super::raw::{RawAuth, RawUpstream};
+use super::raw::{RawAuth, RawCallerCredentials, RawUpstream};
 use super::{check_cluster, credential, error, resolve_secret, ConfigError, Credential, Env};
 use crate::routes::{Operation, StoredTail};
 use crate::secret::Secret;
@@ -18,6 +18,36 @@ pub struct Upstream {
     pub cluster: String,
     pub flavor: Flavor,
     pub auth: UpstreamAuth,
+    /// Sent on every request to this upstream (names lower case).
+    pub headers: Vec<(String, Secret)>,
+    /// Callers that may send their own key for it, and in which header.
+    pub caller_keys: Option<CallerKeys>,
+}
+
+/// The callers whose own key, sent in `header`, replaces the upstream's.
+#[derive(Debug)]
+pub struct CallerKeys {
+    pub header: String,
+    /// None: every caller.
+    pub callers: Option<Vec<String>>,
+}
+
+impl CallerKeys {
+    pub fn allows(&self, caller: &str) -> bool {
+        self.callers
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == caller))
+    }
+}
+
+pub const DEFAULT_CALLER_KEY_HEADER: &str = "x-upstream-api-key";
+
+/// What validating an upstream needs from the rest of the configuration.
+pub(super) struct Context<'a> {
+    pub default_api_version: &'a str,
+    pub env: Env<'a>,
+    pub cluster_header: &'a str,
+    pub caller_names: &'a [String],
 }
 
 #[derive(Debug)]
@@ -125,10 +155,10 @@ fn v1_query(preview: bool, query: &str) -> String {
 pub(super) fn validate(
     name: String,
     raw: RawUpstream,
-    default_api_version: &str,
-    env: Env,
+    context: &Context<'_>,
     credentials: &mut Vec<Credential>,
 ) -> Result<Upstream, ConfigError> {
+    let (default_api_version, env) = (context.default_api_version, context.env);
     let path = format!("upstreams.{name}");
     if name.is_empty() {
         return Err(error("upstreams", "an upstream name must not be empty"));
@@ -151,6 +181,26 @@ pub(super) fn validate(
         azure_flavor(&path, &raw, default_api_version)?
     };
     let auth = validate_auth(&path, &name, raw.auth, openai, env, credentials)?;
+    let mut headers = Vec::with_capacity(raw.headers.len());
+    for (field, header, value) in raw.headers {
+        let header = check_extra_header(&field, &header, context.cluster_header)?;
+        if headers.iter().any(|(h, _)| *h == header) {
+            return Err(error(field, "names a header twice (names ignore case)"));
+        }
+        // A secret is checked to be a value a header can carry.
+        let value = resolve_secret(&field, value, env)?;
+        headers.push((header, value));
+    }
+    let caller_keys = match raw.caller_credentials {
+        None => None,
+        Some(_) if openai => {
+            return Err(error(
+                format!("{path}.caller_credentials"),
+                "applies to Azure upstreams only (a caller's own key goes as `api-key`)",
+            ))
+        }
+        Some(raw) => Some(caller_keys(raw, context, &headers)?),
+    };
     Ok(Upstream {
         name,
         authority: endpoint.authority(),
@@ -158,6 +208,115 @@ pub(super) fn validate(
         cluster,
         flavor,
         auth,
+        headers,
+        caller_keys,
+    })
+}
+
+/// Headers Envoy or the filter owns: never the operator's extra headers,
+/// nor the one callers send their own key in.
+fn reserved_header(name: &str, cluster_header: &str) -> Option<&'static str> {
+    const HOP_BY_HOP: [&str; 8] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+    ];
+    const OWN: [&str; 8] = [
+        "api-key",
+        "authorization",
+        "content-length",
+        "host",
+        "accept-encoding",
+        "x-ms-spillover-deployment",
+        "x-azure-openai-caller",
+        "x-azure-openai-model",
+    ];
+    if HOP_BY_HOP.contains(&name) {
+        Some("is a hop-by-hop header, which does not travel past Envoy")
+    } else if OWN.contains(&name) || name == cluster_header {
+        Some("is a header the filter sets or removes itself")
+    } else if name.starts_with("x-envoy-") {
+        Some("is one of Envoy's own headers")
+    } else {
+        None
+    }
+}
+
+/// A header name: an HTTP token, lower-cased; not a pseudo-header nor one
+/// Envoy or the filter owns.
+fn check_extra_header(path: &str, name: &str, cluster_header: &str) -> Result<String, ConfigError> {
+    if name.starts_with(':') {
+        return Err(error(
+            path,
+            "is a pseudo-header; only ordinary headers can be added",
+        ));
+    }
+    let token = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !token {
+        return Err(error(path, "is not a valid header name (an HTTP token)"));
+    }
+    let name = name.to_ascii_lowercase();
+    if let Some(why) = reserved_header(&name, cluster_header) {
+        return Err(error(path, why));
+    }
+    Ok(name)
+}
+
+fn caller_keys(
+    raw: RawCallerCredentials,
+    context: &Context<'_>,
+    extra: &[(String, Secret)],
+) -> Result<CallerKeys, ConfigError> {
+    let header = match raw.header {
+        None => DEFAULT_CALLER_KEY_HEADER.to_string(),
+        Some((field, name)) => {
+            let name = check_extra_header(&field, &name, context.cluster_header)?;
+            if name.starts_with("x-ms-") {
+                return Err(error(
+                    field,
+                    "is an Azure header (x-ms-*), which the filter removes from requests",
+                ));
+            }
+            if extra.iter().any(|(h, _)| *h == name) {
+                return Err(error(field, "is also one of this upstream's extra headers"));
+            }
+            name
+        }
+    };
+    let callers_path = format!("{}.callers", raw.path);
+    if raw.callers.is_empty() {
+        return Err(error(
+            callers_path,
+            "name the callers that may send their own key, or [\"*\"] for all",
+        ));
+    }
+    if raw.callers.iter().any(|(_, name)| name == "*") {
+        if raw.callers.len() > 1 {
+            return Err(error(callers_path, "`*` stands alone"));
+        }
+        return Ok(CallerKeys {
+            header,
+            callers: None,
+        });
+    }
+    let mut callers = Vec::with_capacity(raw.callers.len());
+    for (field, name) in raw.callers {
+        if !context.caller_names.contains(&name) {
+            return Err(error(field, format!("no caller is named `{name}`")));
+        }
+        callers.push(name);
+    }
+    Ok(CallerKeys {
+        header,
+        callers: Some(callers),
     })
 }
 
