@@ -86,6 +86,24 @@ struct Failover {
     callout: Option<u32>,
 }
 
+/// The property (filter state `wasm.azure_openai`) with the request's
+/// access-log fields.
+pub const LOG_PROPERTY: &str = "azure_openai";
+
+/// The access-log fields (null where the filter did not learn one).
+#[derive(serde::Serialize)]
+struct LogFields<'a> {
+    caller: Option<&'a str>,
+    model: Option<&'a str>,
+    upstream: Option<&'a str>,
+    deployment: Option<&'a str>,
+    operation: Option<&'static str>,
+    status: u16,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    ttfb_ms: Option<u64>,
+}
+
 /// The property (filter state `wasm.azure_openai_tokens`) that carries the
 /// tokens a request used, for Envoy's rate-limit filter.
 pub const TOKENS_PROPERTY: &str = "azure_openai_tokens";
@@ -712,6 +730,60 @@ impl Exchange {
             _ => {}
         }
         self.state = State::Answered;
+    }
+
+    /// Envoy writes its access log: the request's fields, as one JSON object
+    /// in the property `azure_openai` (filter state `wasm.azure_openai`),
+    /// for a `%CEL(...)%` or `%FILTER_STATE(wasm.azure_openai:PLAIN)%` in
+    /// the log format. Values come only from the configuration and from
+    /// numbers; never a key, a token or a body.
+    pub fn on_log(&mut self, host: &mut dyn Host, stream: &mut dyn Stream) {
+        let Some(worker) = self.worker.clone() else {
+            return;
+        };
+        let config = &worker.config;
+        let account = &self.account;
+        let (model, upstream, deployment) =
+            match account.target.and_then(|t| config.target_upstream(t)) {
+                Some((target, upstream)) => (
+                    account
+                        .model
+                        .and_then(|m| config.models.get(m))
+                        .map(|m| m.alias.as_str()),
+                    Some(upstream.name.as_str()),
+                    Some(target.deployment.as_str()),
+                ),
+                None => (None, None, None),
+            };
+        let fields = LogFields {
+            caller: account
+                .caller
+                .and_then(|c| config.caller(c))
+                .map(|c| c.name.as_str()),
+            model,
+            upstream,
+            deployment,
+            operation: account.op.map(Operation::name),
+            status: account.status,
+            input_tokens: account.usage.map(|u| u.input),
+            output_tokens: account.usage.map(|u| u.output),
+            ttfb_ms: account
+                .first_byte_ms
+                .map(|at| at.saturating_sub(account.started_ms)),
+        };
+        let Ok(json) = serde_json::to_vec(&fields) else {
+            return;
+        };
+        if let Err(status) = stream.set_property(LOG_PROPERTY, &json) {
+            log(
+                host,
+                Level::Debug,
+                format_args!(
+                    "request {}: access-log fields not set (status {})",
+                    self.id, status.0
+                ),
+            );
+        }
     }
 
     /// Counts the request in the VM's metrics (once).

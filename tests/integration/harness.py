@@ -316,9 +316,26 @@ STATS_TAGS = [{"tag_name": label, "regex": f"(_?{label}=\\.=(.*?);\\.;)"}
               for label in METRIC_LABELS]
 
 
+# The access log of envoy/demo.yaml: a JSON line per request, with the
+# filter's fields (filter state `wasm.azure_openai`, a JSON object) nested
+# as they are, or null where the filter set none.
+ACCESS_LOG_FORMAT = (
+    '{"start":"%START_TIME%","method":"%REQ(:METHOD)%","path":"%PATH(NQ)%",'
+    '"code":%RESPONSE_CODE%,"details":"%RESPONSE_CODE_DETAILS%","duration_ms":%DURATION%,'
+    '"azure_openai":%CEL(\'wasm.azure_openai\' in filter_state ? '
+    'filter_state[\'wasm.azure_openai\'] : \'null\')%}\n')
+
+
+def access_log(path):
+    return [{"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        "path": str(path),
+        "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}}}]
+
+
 def bootstrap(http_filters, clusters, buffer_limit=40_000_000,
-              cluster_header="x-azure-openai-cluster"):
-    return {
+              cluster_header="x-azure-openai-cluster", access_log_path=None):
+    config = {
         "static_resources": {
             "listeners": [{
                 "name": "gateway",
@@ -353,6 +370,10 @@ def bootstrap(http_filters, clusters, buffer_limit=40_000_000,
         "stats_config": {"stats_tags": STATS_TAGS},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
     }
+    if access_log_path:
+        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        hcm["typed_config"]["access_log"] = access_log(access_log_path)
+    return config
 
 
 class EnvoyFailed(Exception):

@@ -15,8 +15,8 @@ import openai
 import pytest
 import yaml
 from conftest import gateway_config
-from harness import (ROOT, WASM, Envoy, assert_openai_error, bootstrap, cluster,
-                     validate, wasm_filter)
+from harness import (ACCESS_LOG_FORMAT, ROOT, WASM, Envoy, assert_openai_error, bootstrap,
+                     cluster, validate, wasm_filter)
 
 EXAMPLES = sorted((ROOT / "envoy").glob("*.yaml"))
 
@@ -196,6 +196,16 @@ def demo_deployments():
     hcm = demo["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     config = json.loads(hcm["http_filters"][0]["typed_config"]["config"]["configuration"]["value"])
     return sorted({model["deployment"] for model in config["models"].values()})
+
+
+def test_the_demo_logs_a_json_line_per_request_with_the_filters_fields():
+    """The format test_usage.py checks line by line."""
+    config = yaml.safe_load((ROOT / "envoy" / "demo.yaml").read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    (log,) = hcm["typed_config"]["access_log"]
+    assert log["typed_config"]["path"] == "/dev/stdout"
+    assert log["typed_config"]["log_format"]["text_format_source"]["inline_string"] == \
+        ACCESS_LOG_FORMAT
 
 
 def test_demo_script_starts_the_stand_in_with_every_demo_deployment():

@@ -5,7 +5,10 @@ upstreams that answer like Azure."""
 
 import json
 import re
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -126,11 +129,15 @@ def gateway(upstreams):
             {"name": "ops", "key_sha256": sha256_hex(OPS_KEY), "models": ["*"]},
         ],
     }
+    log_dir = tempfile.mkdtemp(prefix="access-log-")
     envoy = Envoy(bootstrap([wasm_filter(config)],
-                            [cluster(n, s.port) for n, s in upstreams.items()]))
+                            [cluster(n, s.port) for n, s in upstreams.items()],
+                            access_log_path=f"{log_dir}/access.log"))
+    envoy.access_log = Path(log_dir) / "access.log"
     envoy.start()
     yield envoy
     envoy.cleanup()
+    shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def scrape(gateway):
@@ -320,3 +327,43 @@ def test_every_series_the_grafana_dashboard_reads_is_in_a_real_scrape(gateway, u
         present = [set(dict(ls)) for (n, ls) in scraped if n == name]
         assert present, f"the dashboard reads {name}, which the scrape lacks"
         assert any(set(labels) <= have for have in present), (name, labels, present[:2])
+
+
+def access_lines(gateway, count, timeout=5):
+    """The access log's last `count` lines, parsed (Envoy flushes it a little later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = gateway.access_log.read_text().splitlines() if gateway.access_log.exists() else []
+        if len(lines) >= count or time.monotonic() > deadline:
+            return [json.loads(line) for line in lines[-count:]]
+        time.sleep(0.05)
+
+
+def test_the_access_log_carries_the_filters_fields_as_json(gateway, upstreams):
+    start = len(gateway.access_log.read_text().splitlines()) if gateway.access_log.exists() else 0
+    messages = [{"role": "user", "content": "log me"}]
+    client(gateway).chat.completions.create(model="gpt-4o", messages=messages)
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", timeout=30,
+                      headers={"authorization": f"Bearer {TEAM_KEY}"},
+                      json={"model": "gpt-4.1", "stream": True, "messages": messages}) as response:
+        b"".join(response.iter_raw())
+    httpx.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-4o"},
+               headers={"authorization": "Bearer sk-not-a-key-9999"}, timeout=10)
+    lines = access_lines(gateway, start + 3)[start:]
+    usage = usage_of({"messages": messages})
+    chat, stream, refused = lines
+    assert chat["code"] == 200 and chat["path"] == "/openai/deployments/gpt4o-prod/chat/completions"
+    assert chat["azure_openai"] == {
+        "caller": "team", "model": "gpt-4o", "upstream": "azure", "deployment": "gpt4o-prod",
+        "operation": "chat/completions", "status": 200,
+        "input_tokens": usage["prompt_tokens"], "output_tokens": 7,
+        "ttfb_ms": chat["azure_openai"]["ttfb_ms"]}
+    assert isinstance(chat["azure_openai"]["ttfb_ms"], int)
+    assert stream["azure_openai"]["upstream"] == "v1"
+    assert stream["azure_openai"]["input_tokens"] == usage["prompt_tokens"]
+    assert refused["code"] == 401 and refused["details"] == "azure_openai_filter"
+    assert refused["azure_openai"] == {
+        "caller": None, "model": None, "upstream": None, "deployment": None, "operation": None,
+        "status": 401, "input_tokens": None, "output_tokens": None, "ttfb_ms": None}
+    text = gateway.access_log.read_text()
+    assert TEAM_KEY not in text and "sk-not-a-key-9999" not in text and "k1" not in text
