@@ -113,14 +113,21 @@ def noop_config(upstream_port):
     return config
 
 
-def filter_config(upstream_port, wasm):
+# A build named NAME+limits runs with the bench caller held to limits that
+# never bite: what admission and the x-ratelimit-* headers cost.
+LIMITED = "+limits"
+NO_BITE = {"requests_per_minute": 10**12, "tokens_per_minute": 10**12}
+
+
+def filter_config(upstream_port, wasm, limited=False):
     config = {
         "upstreams": {"west": {"endpoint": f"https://{AZURE_HOST}", "cluster": "azure_west",
                                "auth": {"api_key": {"env": "BENCH_UPSTREAM_KEY"}}}},
         "models": {"gpt-4o": {"upstream": "west", "deployment": "gpt4o-prod"}},
         "callers": [{"name": f"caller-{i}", "key_sha256": sha256_hex(f"{CALLER_KEY}-{i}"),
                      "models": ["gpt-4o"]} for i in range(9)]
-                   + [{"name": "bench", "key_sha256": sha256_hex(CALLER_KEY), "models": ["gpt-4o"]}],
+                   + [{"name": "bench", "key_sha256": sha256_hex(CALLER_KEY), "models": ["gpt-4o"],
+                       **({"limits": NO_BITE} if limited else {})}],
     }
     entry = wasm_filter(config, env_values={"BENCH_UPSTREAM_KEY": UPSTREAM_KEY})
     entry["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(wasm)
@@ -222,7 +229,8 @@ def run_mode(mode, args):
     setups = {}
     try:
         makers = [("bare", bare_config), ("noop-wasm", noop_config)]
-        makers += [(name, lambda port, wasm=wasm: filter_config(port, wasm))
+        makers += [(name, lambda port, wasm=wasm, name=name:
+                    filter_config(port, wasm, name.endswith(LIMITED)))
                    for name, wasm in args.modules]
         for name, make in makers:
             setups[name] = start(make(upstream.port), settings["under_test"], settings["workers"])
@@ -268,7 +276,8 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     parser.add_argument("--module", action="append", default=[], metavar="NAME=PATH",
                         help="a build of the filter to measure (repeat to compare builds in one "
-                             "run); default: filter=target/azure_openai_filter.wasm")
+                             "run; a NAME ending in +limits holds the caller to limits that never "
+                             "bite); default: filter=target/azure_openai_filter.wasm")
     args = parser.parse_args()
     args.modules = [tuple(m.split("=", 1)) for m in args.module] or [
         ("filter", str(ROOT / "target" / "azure_openai_filter.wasm"))]

@@ -48,4 +48,5 @@ mods = [a for a in sys.argv[1:] if "=" in a]
 measure("bare", bench.bare_config, stream=stream)
 for m in mods:
     name, path = m.split("=", 1)
-    measure(name, lambda port, p=path: bench.filter_config(port, p), stream=stream)
+    measure(name, lambda port, p=path, l=name.endswith(bench.LIMITED): bench.filter_config(port, p, l),
+            stream=stream)
