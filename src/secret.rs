@@ -57,4 +57,12 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abcd"));
         assert!(constant_time_eq(b"", b""));
     }
+
+    #[test]
+    fn constant_time_eq_differences_do_not_cancel_out() {
+        // Each byte differs by the same bits; folding with XOR instead of OR
+        // would cancel them and call the strings equal.
+        assert!(!constant_time_eq(b"aa", b"bb"));
+        assert!(!constant_time_eq(&[0x01, 0x01, 0x00], &[0x00, 0x00, 0x00]));
+    }
 }

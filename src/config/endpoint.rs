@@ -205,6 +205,9 @@ mod tests {
     fn ipv6_host() {
         let e = ok("http://[::1]:8080");
         assert_eq!(e.authority(), "[::1]:8080");
+        let e = ok("https://[2001:db8::1]");
+        assert_eq!((e.authority().as_str(), e.port), ("[2001:db8::1]", None));
+        assert!(err("http://[::1]x").contains("after the IPv6 host"));
         assert!(err("http://[::1").contains("unclosed"));
         assert!(err("http://[zz]:1").contains("IPv6"));
     }

@@ -384,6 +384,14 @@ fn refuses_body_limit_out_of_range() {
     value["max_request_body_bytes"] = json!(0);
     assert!(refused(value.clone()).contains("greater than 0"));
     value["max_request_body_bytes"] = json!(1u64 << 40);
+    assert!(refused(value.clone()).contains("ceiling"));
+    // The ceiling itself, 256 MiB, is allowed; one byte more is not.
+    value["max_request_body_bytes"] = json!(256 * 1024 * 1024);
+    assert_eq!(
+        load(&value).unwrap().max_request_body_bytes,
+        256 * 1024 * 1024
+    );
+    value["max_request_body_bytes"] = json!(256 * 1024 * 1024 + 1);
     assert!(refused(value).contains("ceiling"));
 }
 
@@ -581,6 +589,14 @@ fn sovereign_clouds_set_authority_and_scope() {
     );
     assert!(form(&config.credentials[0])
         .ends_with("scope=https%3A%2F%2Fcognitiveservices.azure.cn%2F.default"));
+    // Naming the public cloud is the same as leaving it out.
+    let public = load(&entra(json!({ "cloud": "public" }))).unwrap();
+    let default = load(&entra(json!({}))).unwrap();
+    assert_eq!(
+        public.credentials[0].request.authority,
+        "login.microsoftonline.com"
+    );
+    assert_eq!(form(&public.credentials[0]), form(&default.credentials[0]));
     let message = refused(entra(json!({ "cloud": "mars" })));
     assert!(
         message.starts_with("upstreams.west.auth.entra.cloud: unknown cloud `mars`"),
@@ -661,6 +677,21 @@ fn entra_refusals_name_the_field() {
         let message = refused(entra(extra));
         assert!(message.starts_with(expected), "{message}");
     }
+    // A client ID is exactly five groups of 8-4-4-4-12 hexadecimal digits.
+    for not_a_guid in [
+        "11111111-2222-3333-4444-555555555555-6",
+        "11111111-2222-3333-4444",
+        "1111111g-2222-3333-4444-555555555555",
+        "11111111-2222-3333-4444-55555555555",
+        "111111111-222-3333-4444-555555555555",
+    ] {
+        let message = refused(entra(json!({ "client_id": not_a_guid })));
+        assert!(message.contains("is not a GUID"), "{message}");
+    }
+    assert!(load(&entra(
+        json!({ "client_id": "ABCDEF01-2222-3333-4444-abcdef555555" })
+    ))
+    .is_ok());
     let value = entra(json!({}));
     let mut value = value;
     value["upstreams"]["west"]["auth"]["entra"]
@@ -743,6 +774,13 @@ fn upstreams_with_one_identity_share_one_credential() {
     assert_eq!(config.credentials.len(), 2);
     assert_eq!(config.credentials[0].label, "east, west");
     assert_eq!(config.credentials[1].label, "north");
+    // The host finds a token upstream's credential by this index.
+    let north = config.upstreams.iter().find(|u| u.name == "north").unwrap();
+    let UpstreamAuth::Token(index) = north.auth else {
+        panic!("{:?}", north.auth)
+    };
+    assert_eq!(config.credential(index).unwrap().label, "north");
+    assert!(config.credential(config.credentials.len()).is_none());
     assert_ne!(
         config.credentials[0].shared_key,
         config.credentials[1].shared_key
@@ -925,10 +963,30 @@ fn deployment_names_in_the_path_stay_path_safe() {
         json!("a/b:c d")
     ))
     .is_ok());
-    assert!(
-        refused(with(v1, "/models/gpt-4o/deployment", json!("a\r\nb")))
-            .contains("control characters")
+    assert!(refused(with(
+        v1.clone(),
+        "/models/gpt-4o/deployment",
+        json!("a\r\nb")
+    ))
+    .contains("control characters"));
+    // Names in the body are capped at 256 bytes.
+    let longest = with(
+        v1.clone(),
+        "/models/gpt-4o/deployment",
+        json!("d".repeat(256)),
     );
+    assert!(load(&longest).is_ok());
+    assert!(refused(with(
+        v1,
+        "/models/gpt-4o/deployment",
+        json!("d".repeat(257))
+    ))
+    .contains("at most 256 bytes"));
+    // Azure deployment names in the path may hold `.`, `_` and `-`.
+    for name in ["gpt-4.1", "gpt_4o", "o3.mini_2025-01"] {
+        let config = load(&with(base(), "/models/gpt-4o/deployment", json!(name))).unwrap();
+        assert_eq!(config.models[0].deployment, name);
+    }
 }
 
 #[test]

@@ -458,6 +458,80 @@ fn multipart_refusals() {
     assert_eq!((error.status, error.code), (400, "invalid_multipart"));
 }
 
+/// Feeds `body` to `read_body` as Envoy would, one growing prefix at a
+/// time, and returns what each call answered (the last with `complete`).
+fn read_form_in_pieces<'c>(
+    config: &'c Config,
+    key: &str,
+    body: &[u8],
+    piece: usize,
+) -> Vec<Result<Option<Forward<'c>>, ApiError>> {
+    let a = admitted(config, "/v1/audio/transcriptions", key);
+    let Plan::ReadBody(pending) = plan(config, a).unwrap() else {
+        panic!("a form is read");
+    };
+    let mut reader = BodyReader::new(pending.op, &[b"multipart/form-data; boundary=XyZ"]).unwrap();
+    let mut answers = Vec::new();
+    let mut end = 0;
+    while end < body.len() {
+        end = (end + piece).min(body.len());
+        let mut source: &[u8] = &body[..end];
+        let answer = read_body(
+            config,
+            &pending,
+            &mut reader,
+            &mut source,
+            end == body.len(),
+        );
+        let stop = !matches!(answer, Ok(None));
+        answers.push(answer);
+        if stop {
+            break;
+        }
+    }
+    answers
+}
+
+/// A form whose `model` follows the file: the filter waits for more body
+/// rather than calling the form model-less before it is whole.
+fn form_with_the_model_last(model: &str) -> Vec<u8> {
+    let mut body =
+        b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.mp3\"\r\n\r\n"
+            .to_vec();
+    body.extend_from_slice(&[7u8; 64]);
+    body.extend_from_slice(b"\r\n--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n");
+    body.extend_from_slice(model.as_bytes());
+    body.extend_from_slice(b"\r\n--XyZ--\r\n");
+    body
+}
+
+#[test]
+fn a_form_still_arriving_waits_for_its_model_field() {
+    let config = config();
+    let body = form_with_the_model_last("whisper");
+    let answers = read_form_in_pieces(&config, "key-ops", &body, 16);
+    let (last, waiting) = answers.split_last().unwrap();
+    assert_eq!(answers.len(), body.len().div_ceil(16));
+    assert!(waiting.iter().all(|answer| matches!(answer, Ok(None))));
+    let forward = last.as_ref().unwrap().as_ref().unwrap();
+    assert_eq!(
+        forward.path,
+        "/openai/deployments/whisper-prod/audio/transcriptions?api-version=2024-10-21"
+    );
+}
+
+#[test]
+fn a_form_is_refused_as_soon_as_its_model_is_known_to_be_forbidden() {
+    let config = config();
+    let mut body = form(Some("whisper"));
+    // A large upload after the model field: the refusal comes before it.
+    body.splice(body.len() - 12..body.len() - 12, [0u8; 4096]);
+    let answers = read_form_in_pieces(&config, "key-a", &body, 128);
+    let error = answers.last().unwrap().as_ref().unwrap_err();
+    assert_eq!((error.status, error.code), (404, "model_not_found"));
+    assert!(answers.len() < body.len() / 128, "refused only at the end");
+}
+
 #[test]
 fn azure_style_paths_use_the_alias_in_the_path() {
     let config = config();
