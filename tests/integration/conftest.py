@@ -6,8 +6,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import (WASM, Envoy, RecordingUpstream, bootstrap, cluster,  # noqa: E402
-                     sha256_hex, wasm_filter)
+from harness import (MODULE, NATIVE, Envoy, RecordingUpstream, bootstrap,  # noqa: E402
+                     cluster, sha256_hex, wasm_filter)
 
 TEAM_A_KEY = "sk-team-a-0123456789"
 OPS_KEY = "sk-ops-9876543210"
@@ -17,8 +17,9 @@ BODY_LIMIT = 2 * 1024 * 1024
 
 
 def pytest_sessionstart(session):
-    if not WASM.exists():
-        pytest.exit(f"{WASM} is missing: run ./wasm-build.sh (tests/run.sh does)", returncode=2)
+    if not MODULE.exists():
+        build = "./native-build.sh" if NATIVE else "./wasm-build.sh"
+        pytest.exit(f"{MODULE} is missing: run {build} (tests/run.sh does)", returncode=2)
 
 
 def gateway_config(west_port, east_port):
