@@ -31,6 +31,8 @@ pub type FilterPtr = *mut c_void;
 pub type ConfigPtr = *mut c_void;
 /// A scheduler Envoy allocated for one filter (owned by the module).
 pub type SchedulerPtr = *mut c_void;
+/// A scheduler onto the main thread, for one filter configuration.
+pub type ConfigSchedulerPtr = *mut c_void;
 
 /// The ABI version this build reports (`ENVOY_DYNAMIC_MODULES_ABI_VERSION`
 /// of Envoy 1.40.0's header), NUL-terminated.
@@ -263,6 +265,26 @@ extern "C" {
     );
     fn envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler: SchedulerPtr);
 
+    fn envoy_dynamic_module_callback_http_filter_config_http_callout(
+        config: ConfigPtr,
+        callout_id_out: *mut u64,
+        cluster_name: ModuleBuffer,
+        headers: *mut ModuleHeader,
+        headers_size: usize,
+        body: ModuleBuffer,
+        timeout_milliseconds: u64,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(
+        config: ConfigPtr,
+    ) -> ConfigSchedulerPtr;
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_commit(
+        scheduler: ConfigSchedulerPtr,
+        event_id: u64,
+    );
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(
+        scheduler: ConfigSchedulerPtr,
+    );
+
     fn envoy_dynamic_module_callback_http_filter_config_define_counter(
         config: ConfigPtr,
         name: ModuleBuffer,
@@ -461,6 +483,61 @@ pub fn http_callout(
     } else {
         Err(result)
     }
+}
+
+/// Sends a callout from the filter configuration, on the main thread only;
+/// its answer comes to `on_http_filter_config_http_callout_done` there.
+pub fn config_http_callout(
+    config: ConfigPtr,
+    cluster: &str,
+    headers: &[(String, String)],
+    body: Option<&[u8]>,
+    timeout_ms: u64,
+) -> Result<u64, u32> {
+    let mut raw: Vec<ModuleHeader> = headers
+        .iter()
+        .map(|(n, v)| ModuleHeader::of(n.as_bytes(), v.as_bytes()))
+        .collect();
+    let mut id = 0u64;
+    let body = body.map_or(ModuleBuffer::NULL, ModuleBuffer::of);
+    // SAFETY: every buffer is live for the call; Envoy writes one u64.
+    let result = unsafe {
+        envoy_dynamic_module_callback_http_filter_config_http_callout(
+            config,
+            &mut id,
+            ModuleBuffer::of(cluster.as_bytes()),
+            raw.as_mut_ptr(),
+            raw.len(),
+            body,
+            timeout_ms,
+        )
+    };
+    if result == CALLOUT_SUCCESS {
+        Ok(id)
+    } else {
+        Err(result)
+    }
+}
+
+/// A scheduler onto the main thread (made on the main thread, in
+/// `config_new`).
+pub fn config_scheduler_new(config: ConfigPtr) -> ConfigSchedulerPtr {
+    // SAFETY: `config` is the configuration being made.
+    unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_new(config) }
+}
+
+/// Posts `event_id` to the configuration on the main thread (from any
+/// thread).
+pub fn config_scheduler_commit(scheduler: ConfigSchedulerPtr, event_id: u64) {
+    // SAFETY: `scheduler` came from `config_scheduler_new`, not deleted yet.
+    unsafe {
+        envoy_dynamic_module_callback_http_filter_config_scheduler_commit(scheduler, event_id)
+    }
+}
+
+pub fn config_scheduler_delete(scheduler: ConfigSchedulerPtr) {
+    // SAFETY: `scheduler` came from `config_scheduler_new`; deleted once.
+    unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_delete(scheduler) }
 }
 
 pub fn continue_decoding(filter: FilterPtr) {

@@ -30,14 +30,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::abi::{self, EnvoyBuffer, EnvoyHeader, FilterPtr, LogLevel, SchedulerPtr};
+use super::callouts::MainThread;
 use super::metrics::FAMILIES;
 use super::timer::{self, TICK_EVENT};
-use super::vm::{self, now_ms, FilterConfig, NativeHost, NativeStream, Owner, Phase, Vm};
+use super::vm::{self, now_ms, FilterConfig, NativeHost, NativeStream, Phase, Vm};
 use crate::config::Config;
 use crate::errors::ApiError;
 use crate::exchange::Exchange;
 use crate::headers;
-use crate::host_api::{CalloutReply, CalloutResponse, Flow};
+use crate::host_api::{CalloutReply, Flow};
 
 /// One stream's filter in the module.
 struct Filter {
@@ -64,6 +65,7 @@ impl Filter {
     /// Before a hook's logic: the worker's tick, when due (Wasm ticks on a
     /// timer; here traffic runs it, see `timer` for waits).
     fn before(&self) {
+        self.vm.receive(self.id, self.envoy);
         if !self.vm.broken.get() && self.vm.tick_due(now_ms()) && !self.vm.state.borrow().wake {
             self.vm.tick(self.id, self.envoy);
         }
@@ -91,6 +93,10 @@ impl Filter {
         } else if self.vm.wants_timed_tick().is_some() {
             vm::arm_timer(&self.vm, self.scheduler());
         }
+        if self.vm.root_in_flight.get() > 0 {
+            // Woken when the main thread has the worker's answer.
+            self.vm.inbox.set_waker(self.scheduler());
+        }
     }
 
     /// The access log's fields, the request's end, and what it leaves to
@@ -110,6 +116,7 @@ impl Filter {
         exchange.on_done(&mut host);
         drop(exchange);
         self.vm.flush(self.id, self.envoy);
+        self.vm.unregister(self.id);
     }
 
     /// Runs one chain callback's logic.
@@ -274,6 +281,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             id: NEXT_CONFIG.fetch_add(1, Ordering::Relaxed),
             json,
             stat_ids,
+            main: MainThread::new(config_envoy),
         });
         Box::into_raw(Box::new(config))
             .cast_const()
@@ -293,6 +301,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: *co
         }
         // SAFETY: `config` came from Box::into_raw in config_new, freed once.
         let config = unsafe { Box::from_raw(config.cast::<Arc<FilterConfig>>().cast_mut()) };
+        config.main.shutdown();
         vm::drop_vm(config.id);
     });
 }
@@ -463,6 +472,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter_ptr: *const
         }
         let scheduler = filter.scheduler.replace(std::ptr::null_mut());
         if !scheduler.is_null() {
+            filter.vm.inbox.forget_waker(scheduler);
             timer::forget(scheduler);
             abi::scheduler_delete(scheduler);
         }
@@ -474,8 +484,8 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter_ptr: *const
     drop(filter);
 }
 
-/// A callout this stream carried came back: a failover attempt of its own
-/// request, or a token fetch of the worker's.
+/// A callout this stream sent came back: a failover attempt of its own
+/// request.
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
     _envoy: FilterPtr,
@@ -498,70 +508,33 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
             .borrow_mut()
             .callouts
             .remove(&(filter.id, callout_id));
-        let Some((owner, id)) = entry else {
+        let Some(id) = entry else {
             return;
         };
-        let answered = result == abi::CALLOUT_RESULT_SUCCESS;
-        let pairs: Vec<(Vec<u8>, Vec<u8>)> = if answered && !headers_ptr.is_null() {
-            // SAFETY: Envoy passes `headers_size` headers valid during the hook.
-            unsafe { std::slice::from_raw_parts(headers_ptr, headers_size) }
-                .iter()
-                // SAFETY: each header's buffers are valid during the hook.
-                .map(|h| unsafe { h.to_pair() })
-                .collect()
+        let (pairs, body) =
+            // SAFETY: Envoy's arrays and buffers are valid during the hook.
+            unsafe { callout_answer(result, headers_ptr, headers_size, chunks_ptr, chunks_size) };
+        let refs: Vec<(&[u8], &[u8])> = pairs
+            .iter()
+            .map(|(n, v)| (n.as_slice(), v.as_slice()))
+            .collect();
+        // No headers: the connection closed before an answer.
+        let reply = if refs.is_empty() {
+            CalloutReply::default()
         } else {
-            Vec::new()
-        };
-        let body: Vec<u8> = if answered && !chunks_ptr.is_null() {
-            // SAFETY: Envoy passes `chunks_size` buffers valid during the hook.
-            unsafe { std::slice::from_raw_parts(chunks_ptr, chunks_size) }
-                .iter()
-                // SAFETY: each buffer is valid during the hook.
-                .flat_map(|c| unsafe { c.to_vec() })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        match owner {
-            Owner::Root => {
-                let Some(worker) = filter.vm.worker() else {
-                    return;
-                };
-                let status = pairs
-                    .iter()
-                    .find(|(name, _)| name.as_slice() == b":status")
-                    .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok());
-                let mut body = if status.is_some() { body } else { Vec::new() };
-                body.truncate(worker.callout_body_limit());
-                let response = CalloutResponse { status, body };
-                let mut host = NativeHost::root(&filter.vm, filter.id, filter.envoy);
-                let chores = worker.on_callout_response(&mut host, id, &response);
-                filter.vm.carry_out(chores);
-                worker.schedule_tick(&mut NativeHost::root(&filter.vm, filter.id, filter.envoy));
+            CalloutReply {
+                headers: headers::encode(&refs),
+                body,
             }
-            Owner::Request => {
-                let refs: Vec<(&[u8], &[u8])> = pairs
-                    .iter()
-                    .map(|(n, v)| (n.as_slice(), v.as_slice()))
-                    .collect();
-                let reply = CalloutReply {
-                    headers: if refs.is_empty() {
-                        Vec::new()
-                    } else {
-                        headers::encode(&refs)
-                    },
-                    body: if refs.is_empty() { Vec::new() } else { body },
-                };
-                if let Ok(mut exchange) = filter.exchange.try_borrow_mut() {
-                    let mut host = NativeHost::request(&filter.vm, filter.id, filter.envoy);
-                    exchange.on_callout_response(
-                        &mut host,
-                        &mut NativeStream::outside_body(filter.envoy),
-                        id,
-                        reply,
-                    );
-                }
-            }
+        };
+        if let Ok(mut exchange) = filter.exchange.try_borrow_mut() {
+            let mut host = NativeHost::request(&filter.vm, filter.id, filter.envoy);
+            exchange.on_callout_response(
+                &mut host,
+                &mut NativeStream::outside_body(filter.envoy),
+                id,
+                reply,
+            );
         }
         filter.after();
     }));
@@ -587,6 +560,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
         }
         // Not a chain callback: resuming this stream is allowed here.
         let outer = filter.vm.in_chain.replace(0);
+        filter.vm.receive(filter.id, filter.envoy);
         let deferred = filter.vm.take_deferred();
         filter.vm.carry_out(deferred);
         filter.vm.tick(filter.id, filter.envoy);
@@ -596,6 +570,97 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
     if done.is_err() {
         answer_panic(filter.envoy, "scheduled event");
     }
+}
+
+// ---------------------------------------------------- main thread callouts
+
+/// # Safety
+/// `ptr` must be null or a pointer `config_new` returned, not yet destroyed.
+unsafe fn config_of<'a>(ptr: *const c_void) -> Option<&'a Arc<FilterConfig>> {
+    // SAFETY: forwarded from the caller.
+    unsafe { ptr.cast::<Arc<FilterConfig>>().as_ref() }
+}
+
+/// The main thread was woken: it sends the workers' queued token fetches.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
+    _config_envoy: abi::ConfigPtr,
+    config_ptr: *const c_void,
+    _event_id: u64,
+) {
+    let _ = catch_unwind(|| {
+        // SAFETY: Envoy passes the pointer config_new returned.
+        if let Some(config) = unsafe { config_of(config_ptr) } {
+            config.main.on_scheduled();
+        }
+    })
+    .map_err(|_| critical("configuration scheduled event"));
+}
+
+/// A token fetch sent from the main thread came back.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+    _config_envoy: abi::ConfigPtr,
+    config_ptr: *const c_void,
+    callout_id: u64,
+    result: u32,
+    headers_ptr: *mut EnvoyHeader,
+    headers_size: usize,
+    chunks_ptr: *mut EnvoyBuffer,
+    chunks_size: usize,
+) {
+    let _ = catch_unwind(|| {
+        // SAFETY: Envoy passes the pointer config_new returned.
+        let Some(config) = (unsafe { config_of(config_ptr) }) else {
+            return;
+        };
+        let (pairs, body) =
+            // SAFETY: Envoy's arrays and buffers are valid during the hook.
+            unsafe { callout_answer(result, headers_ptr, headers_size, chunks_ptr, chunks_size) };
+        let status = pairs
+            .iter()
+            .find(|(name, _)| name.as_slice() == b":status")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok());
+        config.main.on_done(callout_id, status, body);
+    })
+    .map_err(|_| critical("configuration callout answer"));
+}
+
+/// A callout's headers and body, copied; nothing when it failed.
+///
+/// # Safety
+/// The pointers must be null or hold their sizes of entries, valid now.
+unsafe fn callout_answer(
+    result: u32,
+    headers_ptr: *mut EnvoyHeader,
+    headers_size: usize,
+    chunks_ptr: *mut EnvoyBuffer,
+    chunks_size: usize,
+) -> (Vec<(Vec<u8>, Vec<u8>)>, Vec<u8>) {
+    if result != abi::CALLOUT_RESULT_SUCCESS {
+        return (Vec::new(), Vec::new());
+    }
+    let pairs = if headers_ptr.is_null() {
+        Vec::new()
+    } else {
+        // SAFETY: forwarded from the caller.
+        unsafe { std::slice::from_raw_parts(headers_ptr, headers_size) }
+            .iter()
+            // SAFETY: each header's buffers are valid now.
+            .map(|h| unsafe { h.to_pair() })
+            .collect()
+    };
+    let body = if chunks_ptr.is_null() {
+        Vec::new()
+    } else {
+        // SAFETY: forwarded from the caller.
+        unsafe { std::slice::from_raw_parts(chunks_ptr, chunks_size) }
+            .iter()
+            // SAFETY: each buffer is valid now.
+            .flat_map(|c| unsafe { c.to_vec() })
+            .collect()
+    };
+    (pairs, body)
 }
 
 // Hooks Envoy requires that the filter has no use for.

@@ -17,6 +17,7 @@
 //!   every hook catches unwinding (`hooks`).
 
 mod abi;
+mod callouts;
 mod hooks;
 mod metrics;
 mod shared;

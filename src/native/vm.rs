@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::abi::{self, Body, FilterPtr, HeaderMap, LogLevel, Move};
+use super::callouts::{self, Inbox, Job, MainThread};
 use super::metrics::{self, Stat, WorkerStats, FAMILIES};
 use super::{shared, timer};
 use crate::config::Config;
@@ -37,6 +38,8 @@ pub struct FilterConfig {
     pub json: Vec<u8>,
     /// Envoy's id of each stat family (`metrics::FAMILIES`), defined at load.
     pub stat_ids: Vec<Option<usize>>,
+    /// Where the workers' token fetches are sent from.
+    pub main: MainThread,
 }
 
 /// Who sent a callout: the worker (a token fetch) or a request (failover).
@@ -52,8 +55,9 @@ pub struct VmState {
     /// Live streams of this worker by context id: their Envoy filter, and
     /// their scheduler once they have one.
     pub filters: HashMap<u32, FilterPtr>,
-    /// Callouts in flight by (carrying stream, Envoy's callout id).
-    pub callouts: HashMap<(u32, u64), (Owner, u32)>,
+    /// Requests' callouts in flight by (stream, Envoy's callout id): the
+    /// logic's id.
+    pub callouts: HashMap<(u32, u64), u32>,
     next_callout: u32,
     pub tick_period_ms: u32,
     pub last_tick_ms: u64,
@@ -76,6 +80,10 @@ pub struct Vm {
     /// The stream whose chain callback (headers, body, trailers) is running
     /// (0: none).
     pub in_chain: Cell<u32>,
+    /// Answers to the worker's own callouts, from the main thread.
+    pub inbox: Arc<Inbox>,
+    /// The worker's own callouts not answered yet.
+    pub root_in_flight: Cell<u32>,
 }
 
 thread_local! {
@@ -106,6 +114,8 @@ pub fn vm_for(config: &Arc<FilterConfig>, filter: FilterPtr) -> Rc<Vm> {
         }),
         broken: Cell::new(false),
         in_chain: Cell::new(0),
+        inbox: Arc::new(Inbox::default()),
+        root_in_flight: Cell::new(0),
     });
     VMS.with(|vms| vms.borrow_mut().insert(config.id, Rc::clone(&vm)));
     match Config::from_json(&config.json, &|name| std::env::var(name).ok()) {
@@ -211,18 +221,51 @@ impl Vm {
         }
     }
 
+    /// Hands the worker the answers to its callouts that came, carried by
+    /// the stream `carrier`.
+    pub fn receive(&self, carrier_id: u32, carrier: FilterPtr) {
+        let answers = self.inbox.take();
+        if answers.is_empty() {
+            return;
+        }
+        let Some(worker) = self.worker() else {
+            return;
+        };
+        for (id, mut response) in answers {
+            response.body.truncate(worker.callout_body_limit());
+            self.root_in_flight
+                .set(self.root_in_flight.get().saturating_sub(1));
+            let mut host = NativeHost::root(self, carrier_id, carrier);
+            let chores = worker.on_callout_response(&mut host, id, &response);
+            self.carry_out(chores);
+        }
+        worker.schedule_tick(&mut NativeHost::root(self, carrier_id, carrier));
+    }
+
     pub fn take_deferred(&self) -> Vec<Chore> {
         std::mem::take(&mut self.state.borrow_mut().deferred)
     }
 
-    /// What a finished request leaves to the tick, done now: its stats and
-    /// its tokens charged to its caller's limits. (Nothing else: the stream
-    /// is going, so no callout may ride on it.)
+    /// What a finished request leaves to the tick, done now: the pools'
+    /// cooldowns, its stats, its tokens charged to its caller's limits.
+    /// (Not the token work: the stream is going, so no callout may ride on
+    /// it.)
     pub fn flush(&self, carrier_id: u32, carrier: FilterPtr) {
         let Some(worker) = self.worker() else {
             return;
         };
         let mut host = NativeHost::root(self, carrier_id, carrier);
+        let config = &worker.config;
+        if config.models.iter().any(|m| m.targets.len() > 1) {
+            // The pools' part of the tick: what this request's answer did to
+            // its target's cooldown shows in the cooling gauge at once.
+            if let Ok(mut cooldowns) = worker.cooldowns.try_borrow_mut() {
+                cooldowns.refresh(&host, config);
+                if let Ok(mut recorder) = worker.metrics.try_borrow_mut() {
+                    recorder.cooling(&cooldowns, now_ms(), config.targets.len());
+                }
+            }
+        }
         if let Ok(mut charges) = worker.charges.try_borrow_mut() {
             for (caller, tokens) in std::mem::take(&mut *charges) {
                 crate::limits::charge(&mut host, &worker.config, caller, tokens);
@@ -322,6 +365,37 @@ impl Host for NativeHost<'_> {
     }
 
     fn http_call(&mut self, callout: &Callout<'_>) -> Result<u32, CalloutError> {
+        let id = {
+            let mut state = self.vm.state.borrow_mut();
+            let id = state.next_callout;
+            state.next_callout = state.next_callout.wrapping_add(1).max(1);
+            id
+        };
+        if self.owner == Owner::Root {
+            // The worker's own: from the main thread (see `callouts`).
+            if callouts::known_missing(callout.cluster) {
+                return Err(CalloutError::UnknownCluster);
+            }
+            let job = Job {
+                inbox: Arc::clone(&self.vm.inbox),
+                id,
+                cluster: callout.cluster.to_string(),
+                headers: callout
+                    .headers
+                    .iter()
+                    .map(|(n, v)| ((*n).to_string(), (*v).to_string()))
+                    .collect(),
+                body: callout.body.map(<[u8]>::to_vec),
+                timeout_ms: callout.timeout_ms,
+            };
+            if !self.vm.config.main.send(job) {
+                return Err(CalloutError::NoHost);
+            }
+            self.vm
+                .root_in_flight
+                .set(self.vm.root_in_flight.get().saturating_add(1));
+            return Ok(id);
+        }
         if self.carrier.is_null() {
             return Err(CalloutError::NoHost);
         }
@@ -334,12 +408,11 @@ impl Host for NativeHost<'_> {
         );
         match sent {
             Ok(envoy_id) => {
-                let mut state = self.vm.state.borrow_mut();
-                let id = state.next_callout;
-                state.next_callout = state.next_callout.wrapping_add(1).max(1);
-                state
+                self.vm
+                    .state
+                    .borrow_mut()
                     .callouts
-                    .insert((self.carrier_id, envoy_id), (self.owner, id));
+                    .insert((self.carrier_id, envoy_id), id);
                 Ok(id)
             }
             Err(abi::CALLOUT_CLUSTER_NOT_FOUND | abi::CALLOUT_MISSING_HEADERS) => {

@@ -36,8 +36,12 @@ NATIVE_MODULE = Path(os.environ.get("AZURE_OPENAI_FILTER_NATIVE",
                                     ROOT / "target" / "native" / "libazure_openai_filter.so"))
 # The module under test, whichever build it is.
 MODULE = NATIVE_MODULE if NATIVE else WASM
-# Envoy's component logger for the filter's own log lines.
+# Envoy's component logger for the filter's own log lines, and what marks
+# them in Envoy's log.
 FILTER_LOG_COMPONENT = "dynamic_modules" if NATIVE else "wasm"
+FILTER_LOG_MARK = "][dynamic_modules]" if NATIVE else "wasm log"
+# The namespace of the filter's stats in /stats (Prometheus drops it).
+STATS_NAMESPACE = "dynamicmodulescustom" if NATIVE else "wasmcustom"
 # What the native module reads as its environment: the Envoy process's. The
 # Wasm VM gets `key_values` from its vm_config; the native filter entry
 # cannot carry them, so they go into the environment of the Envoys started
@@ -423,6 +427,23 @@ def bootstrap(http_filters, clusters, buffer_limit=40_000_000,
     return config
 
 
+# Envoy 1.40 prefixes dynamic-module stats with `dynamicmodulescustom.`; with
+# this runtime flag it strips that prefix in /stats/prometheus (as it does
+# `wasmcustom.` for Wasm), so both builds' metrics have the same names.
+NATIVE_RUNTIME = {"envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix": True}
+
+
+def with_native_runtime(config):
+    """`config` (a bootstrap dict) with NATIVE_RUNTIME in a static layer."""
+    config = dict(config)
+    runtime = dict(config.get("layered_runtime") or {})
+    layers = list(runtime.get("layers") or [])
+    layers.insert(0, {"name": "azure_openai_native", "static_layer": NATIVE_RUNTIME})
+    runtime["layers"] = layers
+    config["layered_runtime"] = runtime
+    return config
+
+
 class EnvoyFailed(Exception):
     pass
 
@@ -433,6 +454,8 @@ class Envoy:
     def __init__(self, config, env=None, concurrency=2, log_level="info",
                  component_log_level=f"{FILTER_LOG_COMPONENT}:trace"):
         self.dir = Path(tempfile.mkdtemp(prefix="envoy-test-"))
+        if NATIVE and isinstance(config, dict):
+            config = with_native_runtime(config)
         if isinstance(config, (str, Path)):
             self.config_path = Path(config)
         else:

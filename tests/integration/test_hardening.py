@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from harness import (Envoy, RecordingUpstream, Reply, assert_openai_error, bootstrap, cluster,
+from harness import (Envoy, wasm_only, RecordingUpstream, Reply, assert_openai_error, bootstrap, cluster,
                      sha256_hex, wasm_filter)
 
 KEY = "sk-hardening-caller-0001"
@@ -322,6 +322,7 @@ def test_a_null_model_is_a_missing_model_for_openai_style_callers(gateway, upstr
 
 # ------------------------------------------------------------ missing flag
 
+@wasm_only("allow_on_headers_stop_iteration is a Wasm filter setting")
 def test_without_allow_on_headers_stop_iteration_requests_get_500_not_a_hang(upstreams):
     filter_entry = wasm_filter(gateway_config(upstreams))
     filter_entry["typed_config"]["config"]["allow_on_headers_stop_iteration"] = False

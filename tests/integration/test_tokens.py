@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 from conftest import TEAM_A_KEY
-from harness import (Envoy, RecordingUpstream, Reply, assert_openai_error, bootstrap,
+from harness import (FILTER_LOG_COMPONENT, FILTER_LOG_MARK, STATS_NAMESPACE, Envoy, RecordingUpstream, Reply, assert_openai_error, bootstrap,
                      cluster, sha256_hex, wasm_filter)
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
@@ -87,7 +87,7 @@ def chat(envoy, timeout=30):
 
 
 def stat(envoy, name):
-    return int(envoy.stats("azure_openai_filter").get(f"wasmcustom.azure_openai_filter.{name}", 0))
+    return int(envoy.stats("azure_openai_filter").get(f"{STATS_NAMESPACE}.azure_openai_filter.{name}", 0))
 
 
 @pytest.fixture
@@ -341,12 +341,12 @@ def test_envoy_trace_logs_carry_no_client_secret(envoy_factory, upstream, identi
                   log_level="trace", component_log_level="")
     assert chat(envoy).status_code == 200
     log = envoy.log()
-    assert "wasm log" in log
+    assert FILTER_LOG_MARK in log
     assert CLIENT_SECRET not in log and "client-secret" not in log
     assert '"access_token"' not in log
     for line in log.splitlines():
         if "tok-1" in line:
-            assert "wasm" not in line, line
+            assert FILTER_LOG_COMPONENT not in line, line
             assert "Bearer tok-1" in line, line
 
 

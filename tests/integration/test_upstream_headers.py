@@ -4,7 +4,7 @@ through a real Envoy with recording upstreams."""
 
 import httpx
 import pytest
-from harness import (Envoy, RecordingUpstream, assert_openai_error, bootstrap, cluster,
+from harness import (FILTER_LOG_COMPONENT, Envoy, RecordingUpstream, assert_openai_error, bootstrap, cluster,
                      sha256_hex, wasm_filter)
 
 TENANT_KEY = "sk-byok-tenant-0001"
@@ -118,7 +118,8 @@ def test_nothing_of_the_keys_appears_in_the_filters_logs_at_trace_level(gateway,
     chat(gateway, TENANT_KEY, **{"x-upstream-api-key": TENANT_AZURE_KEY})
     chat(gateway, OTHER_KEY, **{"x-upstream-api-key": TENANT_AZURE_KEY})
     assert gateway.wait_for_log("(with the caller's own key)")
-    lines = [line for line in gateway.log().splitlines() if "][wasm]" in line]
+    lines = [line for line in gateway.log().splitlines()
+             if f"][{FILTER_LOG_COMPONENT}]" in line]
     assert lines, "the filter logged nothing at trace level"
     for secret in (TENANT_AZURE_KEY, APIM_KEY, PROXY_TOKEN, GATEWAY_AZURE_KEY, TENANT_KEY):
         assert not [line for line in lines if secret in line], secret
