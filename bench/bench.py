@@ -5,6 +5,8 @@ an SSE answer of 20 events, each flushed, from bench/sse-upstream).
 
 A third set-up, bare Envoy plus a Wasm filter that does nothing
 (bench/noop-filter), shows what any Wasm filter costs before doing work.
+Builds of the native module (`--native NAME=PATH`, native-build.sh) run the
+same filter as an Envoy dynamic module, without the V8 boundary.
 
 Two modes (see MODES): "pinned", where the Envoy under test has a core to
 itself and saturates it, and "shared", where everything shares both cores.
@@ -29,7 +31,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
-from harness import Envoy, bootstrap, cluster, sha256_hex, wasm_filter  # noqa: E402
+from harness import (Envoy, bootstrap, cluster, native_filter, sha256_hex,  # noqa: E402
+                     wasm_filter)
 
 CALLER_KEY = "sk-bench-caller-key"
 UPSTREAM_KEY = "bench-upstream-key"
@@ -119,8 +122,8 @@ LIMITED = "+limits"
 NO_BITE = {"requests_per_minute": 10**12, "tokens_per_minute": 10**12}
 
 
-def filter_config(upstream_port, wasm, limited=False):
-    config = {
+def gateway_config(limited=False):
+    return {
         "upstreams": {"west": {"endpoint": f"https://{AZURE_HOST}", "cluster": "azure_west",
                                "auth": {"api_key": {"env": "BENCH_UPSTREAM_KEY"}}}},
         "models": {"gpt-4o": {"upstream": "west", "deployment": "gpt4o-prod"}},
@@ -129,9 +132,25 @@ def filter_config(upstream_port, wasm, limited=False):
                    + [{"name": "bench", "key_sha256": sha256_hex(CALLER_KEY), "models": ["gpt-4o"],
                        **({"limits": NO_BITE} if limited else {})}],
     }
-    entry = wasm_filter(config, env_values={"BENCH_UPSTREAM_KEY": UPSTREAM_KEY})
+
+
+def filter_config(upstream_port, wasm, limited=False):
+    entry = wasm_filter(gateway_config(limited), env_values={"BENCH_UPSTREAM_KEY": UPSTREAM_KEY})
     entry["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(wasm)
-    return bootstrap([entry], [cluster("azure_west", upstream_port)])
+    return bootstrap([entry], [cluster("azure_west", upstream_port)]), {}
+
+
+def native_config(upstream_port, module, limited=False):
+    """The native module at `module` (lib<name>.so): Envoy finds it by name
+    in ENVOY_DYNAMIC_MODULES_SEARCH_PATH; it reads the upstream key from
+    Envoy's environment."""
+    module = Path(module).resolve()
+    entry = native_filter(gateway_config(limited))
+    name = module.name.removeprefix("lib").removesuffix(".so")
+    entry["typed_config"]["dynamic_module_config"]["name"] = name
+    env = {"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(module.parent),
+           "BENCH_UPSTREAM_KEY": UPSTREAM_KEY}
+    return bootstrap([entry], [cluster("azure_west", upstream_port)]), env
 
 
 SSE_UPSTREAM = ROOT / "target" / "bench-sse-upstream"
@@ -156,8 +175,9 @@ class SseUpstream:
         self.process.wait()
 
 
-def start(config, cpus, concurrency):
-    envoy = Envoy(config, concurrency=concurrency, log_level="warn", component_log_level=None)
+def start(config, cpus, concurrency, env=None):
+    envoy = Envoy(config, env=env, concurrency=concurrency, log_level="warn",
+                  component_log_level=None)
     if cpus:
         envoy.args = ["taskset", "-c", cpus] + envoy.args
     return envoy.start()
@@ -228,12 +248,17 @@ def run_mode(mode, args):
         upstream = start(upstream_config(), settings["helpers"], 1)
     setups = {}
     try:
-        makers = [("bare", bare_config), ("noop-wasm", noop_config)]
+        makers = [("bare", lambda port: (bare_config(port), {})),
+                  ("noop-wasm", lambda port: (noop_config(port), {}))]
         makers += [(name, lambda port, wasm=wasm, name=name:
                     filter_config(port, wasm, name.endswith(LIMITED)))
                    for name, wasm in args.modules]
+        makers += [(name, lambda port, module=module, name=name:
+                    native_config(port, module, name.endswith(LIMITED)))
+                   for name, module in args.natives]
         for name, make in makers:
-            setups[name] = start(make(upstream.port), settings["under_test"], settings["workers"])
+            config, env = make(upstream.port)
+            setups[name] = start(config, settings["under_test"], settings["workers"], env)
         for envoy in setups.values():
             check(envoy)
             wrk(envoy.url + "/v1/chat/completions", 2, args.connections)  # warm-up
@@ -278,9 +303,14 @@ def main():
                         help="a build of the filter to measure (repeat to compare builds in one "
                              "run; a NAME ending in +limits holds the caller to limits that never "
                              "bite); default: filter=target/azure_openai_filter.wasm")
+    parser.add_argument("--native", action="append", default=[], metavar="NAME=PATH",
+                        help="a build of the native module (lib<name>.so, native-build.sh) to "
+                             "measure beside the Wasm builds (repeatable; +limits as above), e.g. "
+                             "native=target/native/libazure_openai_filter.so")
     args = parser.parse_args()
     args.modules = [tuple(m.split("=", 1)) for m in args.module] or [
         ("filter", str(ROOT / "target" / "azure_openai_filter.wasm"))]
+    args.natives = [tuple(m.split("=", 1)) for m in args.native]
 
     results = {}
     for case in args.cases.split(","):
@@ -289,7 +319,8 @@ def main():
         for mode in args.modes.split(","):
             results[f"{case} {mode}"] = run_mode(mode, args)
     report = {"modes": results, "settings": vars(args),
-              "module_bytes": {name: Path(wasm).stat().st_size for name, wasm in args.modules}}
+              "module_bytes": {name: Path(path).stat().st_size
+                               for name, path in args.modules + args.natives}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
 

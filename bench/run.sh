@@ -14,6 +14,7 @@ if ! command -v go >/dev/null; then
   if [ "$(id -u)" = 0 ]; then apt-get install -y -q golang-go >&2; else sudo apt-get install -y -q golang-go >&2; fi
 fi
 ./wasm-build.sh
+./native-build.sh >&2
 cargo build --release --locked --target wasm32-wasip1 --manifest-path bench/noop-filter/Cargo.toml >&2
 venv=$(tests/venv.sh)
 exec "$venv/bin/python" bench/bench.py "$@"

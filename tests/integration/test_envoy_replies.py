@@ -438,7 +438,7 @@ def test_example_answers_in_openai_json(envoy_factory, tmp_path, example):
     response = httpx.post(envoy.url + "/v1/chat/completions", json=CHAT, timeout=10)
     assert_openai_error(response, 401, "missing_api_key")
     assert response.content.startswith(b'{"error":{"message":')
-    if example.name == "demo.yaml":
+    if example.name in ("demo.yaml", "native.yaml"):
         response = httpx.post(envoy.url + "/v1/chat/completions", json=CHAT, timeout=10,
                               headers={"authorization": "Bearer sk-demo-team-a"})
         assert_envoy_error(response, 503, "upstream_unavailable")

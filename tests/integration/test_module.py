@@ -4,7 +4,7 @@ import json
 
 import httpx
 from conftest import EAST_KEY, OPS_KEY, TEAM_A_KEY, WEST_KEY
-from harness import WASM
+from harness import WASM, wasm_only
 
 # 350 KB while the filter only routed; raised for usage accounting and
 # metrics, compressed-error decoding, deployment pools and caller limits.
@@ -12,6 +12,7 @@ from harness import WASM
 SIZE_BUDGET = 450 * 1000
 
 
+@wasm_only("the .wasm's size")
 def test_release_module_stays_under_450_kb():
     size = WASM.stat().st_size
     assert size < SIZE_BUDGET, f"{WASM.name} is {size} bytes"
@@ -60,6 +61,7 @@ def wasm_exports(path):
     return names
 
 
+@wasm_only("the .wasm's export list (test_native.py checks the .so's)")
 def test_module_exports_only_the_callbacks_it_implements():
     """Envoy enters the VM for every exported callback; the build keeps only
     these (wasm-build.sh)."""
