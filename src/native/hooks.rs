@@ -626,6 +626,9 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
     .map_err(|_| critical("configuration callout answer"));
 }
 
+/// A header's name and value, copied.
+type Pair = (Vec<u8>, Vec<u8>);
+
 /// A callout's headers and body, copied; nothing when it failed.
 ///
 /// # Safety
@@ -636,7 +639,7 @@ unsafe fn callout_answer(
     headers_size: usize,
     chunks_ptr: *mut EnvoyBuffer,
     chunks_size: usize,
-) -> (Vec<(Vec<u8>, Vec<u8>)>, Vec<u8>) {
+) -> (Vec<Pair>, Vec<u8>) {
     if result != abi::CALLOUT_RESULT_SUCCESS {
         return (Vec::new(), Vec::new());
     }
