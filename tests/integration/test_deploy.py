@@ -12,15 +12,15 @@ import threading
 import httpx
 import pytest
 import yaml
-from harness import ENVOY, ROOT, WASM, Envoy, RecordingUpstream, assert_openai_error, sha256_hex
+from harness import (ENVOY, METRIC_LABELS, ROOT, STATS_TAGS, WASM, Envoy, RecordingUpstream,
+                     assert_openai_error, sha256_hex)
 
 import mesh
 
-# The stats tags every manifest (and the dashboard) uses; the metric names
-# of the usage issue encode labels as `<name>_caller=.=<v>;.;model=.=<v>;.;...`.
-LABELS = ["caller", "model", "upstream", "deployment", "operation", "status", "type"]
-STATS_TAGS = [{"tag_name": "caller", "regex": r"(_caller=\.=(.*?);\.;)"}] + [
-    {"tag_name": label, "regex": rf"(_?{label}=\.=(.*?);\.;)"} for label in LABELS[1:]]
+# The stats tags every manifest (and the dashboard) uses are the harness's,
+# the ones every envoy/*.yaml carries: the metric names of the usage issue
+# encode labels as `<name>_caller=.=<v>;.;model=.=<v>;.;...`.
+LABELS = METRIC_LABELS
 
 TEAM_A_KEY = "replace-me-team-a-key"  # its SHA-256 is in the manifests
 AZURE_HOSTS = ["acme-west.openai.azure.com", "acme-east.openai.azure.com"]
