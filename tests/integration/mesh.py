@@ -290,11 +290,19 @@ def envoy_gateway(wasm_path):
                     "typed_per_filter_config": {filter_name: {
                         "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
                         "config": {}}}}]}]}
+    # Its connection manager always carries HTTP/2 options (listener.go,
+    # http2ProtocolOptions: 100 streams, a 64 KiB stream and a 1 MiB
+    # connection window unless a ClientTrafficPolicy says otherwise), and
+    # its listener a 32 KiB per_connection_buffer_limit_bytes.
     hcm = {"@type": HCM_TYPE, "stat_prefix": "http-10080", "codec_type": "AUTO",
            "rds": {"route_config_name": listener_name},
+           "http2_protocol_options": {"max_concurrent_streams": 100,
+                                      "initial_stream_window_size": 65536,
+                                      "initial_connection_window_size": 1048576},
            "http_filters": [wasm_filter, copy.deepcopy(ROUTER)]}
     xds_listener = {"name": listener_name,
                     "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                    "per_connection_buffer_limit_bytes": 32768,
                     "default_filter_chain": {"filters": [
                         {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}}
     resources = {"type.googleapis.com/envoy.config.listener.v3.Listener": {listener_name: xds_listener},
