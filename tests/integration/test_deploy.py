@@ -291,6 +291,70 @@ def test_manifest_reply_mappers_are_the_examples(kind):
     assert mappers == expected
 
 
+def scrape(envoy):
+    """/stats/prometheus as {(name, frozenset(labels)): value} for the filter's series."""
+    out = {}
+    text = httpx.get(envoy.admin + "/stats/prometheus", timeout=5).text
+    for line in text.splitlines():
+        match = re.match(r'^(azure_openai_[a-z_]+)\{(.*)\} (\S+)$', line)
+        if match:
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+            out[(match.group(1), labels)] = float(match.group(3))
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_limits_and_histograms_reach_prometheus_with_their_labels(kind, tmp_path, azure):
+    """The manifests' team-a has limits: an answer that spends its tokens
+    gets its next request a 429, and /stats/prometheus then shows the
+    limited counter and the latency buckets with exactly their labels."""
+    envoy, _ = start(kind, tmp_path, azure)
+    try:
+        usage = {"prompt_tokens": 2_000_000, "completion_tokens": 2_000_000,
+                 "total_tokens": 4_000_000}  # ten times the minute's budget: also the next's
+        body = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                           "model": "gpt-4o-2024-08-06", "usage": usage,
+                           "choices": [{"index": 0, "finish_reason": "stop",
+                                        "message": {"role": "assistant", "content": "hi"}}]})
+        azure.reset()
+        azure.responder = lambda request: Reply(200, {"content-type": "application/json"},
+                                                body.encode())
+        first = chat(envoy, kind, "gpt-4o")
+        assert first.status_code == 200, first.text
+        assert first.headers["x-ratelimit-limit-tokens"] == "400000"
+        # Tokens are charged on the workers' tick: within a second.
+        for _ in range(50):
+            reply = chat(envoy, kind, "gpt-4o")
+            if reply.status_code != 200:
+                break
+            time.sleep(0.1)
+        error = assert_openai_error(reply, 429, "rate_limit_exceeded")
+        assert error["type"] == "tokens", error
+        served = len(azure.received)
+
+        limited = ("azure_openai_limited_total",
+                   frozenset({("caller", "team-a"), ("limit", "tokens"), ("scope", "local")}))
+        bucket = ("azure_openai_request_duration_ms_bucket",
+                  frozenset({("caller", "team-a"), ("model", "gpt-4o"),
+                             ("deployment", "gpt4o-prod"), ("le", "+Inf")}))
+        tokens = ("azure_openai_tokens_total",
+                  frozenset({("caller", "team-a"), ("model", "gpt-4o"), ("upstream", "west"),
+                             ("deployment", "gpt4o-prod"), ("type", "input")}))
+        for _ in range(50):
+            series = scrape(envoy)
+            if all(name in series for name in (limited, bucket, tokens)):
+                break
+            time.sleep(0.1)
+        assert series.get(limited) == 1, sorted(series)
+        assert series.get(bucket) == served, sorted(series)
+        assert series.get(tokens) == 2_000_000 * served, sorted(series)
+        buckets = {dict(labels)["le"] for name, labels in series
+                   if name == "azure_openai_time_to_first_byte_ms_bucket"}
+        assert {"50", "300000", "+Inf"} <= buckets, buckets
+    finally:
+        envoy.cleanup()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_stats_tags_reach_the_bootstrap(kind, tmp_path, azure):
     """The manifests' stats tags, merged as Istio (--config-yaml from the
