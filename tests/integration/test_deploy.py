@@ -258,6 +258,12 @@ def test_manifest_answers_envoys_own_replies_in_openai_json(kind, tmp_path, azur
             assert len(passthrough.received) == 1
         else:
             assert_envoy_error(reply, 431, "request_headers_too_large")
+        if kind == "envoy-gateway":
+            # Envoy Gateway refuses header names with underscores by default.
+            error = assert_envoy_error(chat(envoy, kind, "gpt-4o", x_trace="1"), 400,
+                                       "malformed_request")
+            assert "(http1.unexpected_underscore)" in error["message"], error
+            assert azure.received == []
     finally:
         envoy.cleanup()
 
