@@ -78,7 +78,12 @@ fn files(dir: &str, ext: &str) -> Vec<PathBuf> {
 
 #[test]
 fn every_shipped_example_is_accepted_and_described() {
-    let examples = files("envoy", "yaml");
+    // envoy/ratelimit/ holds rate-limit services' own files, not Envoy's.
+    let not_envoy = root().join("envoy").join("ratelimit");
+    let examples: Vec<PathBuf> = files("envoy", "yaml")
+        .into_iter()
+        .filter(|path| !path.starts_with(&not_envoy))
+        .collect();
     assert!(examples.len() >= 4, "{examples:?}");
     for example in examples {
         let path = example.to_str().expect("path");

@@ -985,7 +985,10 @@ fn deployment_names_in_the_path_stay_path_safe() {
     // Azure deployment names in the path may hold `.`, `_` and `-`.
     for name in ["gpt-4.1", "gpt_4o", "o3.mini_2025-01"] {
         let config = load(&with(base(), "/models/gpt-4o/deployment", json!(name))).unwrap();
-        assert_eq!(config.models[0].deployment, name);
+        let (target, _) = config
+            .target_upstream(config.models[0].targets[0].target)
+            .unwrap();
+        assert_eq!(target.deployment, name);
     }
 }
 

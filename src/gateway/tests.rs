@@ -482,6 +482,7 @@ fn read_form_in_pieces<'c>(
             &mut reader,
             &mut source,
             end == body.len(),
+            &mut FirstTarget,
         );
         let stop = !matches!(answer, Ok(None));
         answers.push(answer);

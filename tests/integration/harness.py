@@ -8,7 +8,9 @@ API, and every process is stopped by the fixture that started it.
 import hashlib
 import json
 import os
+import select
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]
 # Another build can be tested (or benchmarked) by pointing this at it.
 WASM = Path(os.environ.get("AZURE_OPENAI_FILTER_WASM", ROOT / "target" / "azure_openai_filter.wasm"))
 ENVOY = Path(sys.prefix) / "bin" / "envoy"
+# The tests' rate-limit service (tests/rls, Limitador's engine). tests/run.sh
+# builds it outside the clone and names it in AZURE_OPENAI_TEST_RLS; a plain
+# `cargo build --release --manifest-path tests/rls/Cargo.toml` is found too.
+RLS = Path(os.environ.get("AZURE_OPENAI_TEST_RLS",
+                          ROOT / "tests" / "rls" / "target" / "release" / "test-rls"))
 
 # Which build the suite runs against: the .wasm (default) or the native
 # dynamic module (native-build.sh), loaded as libazure_openai_filter.so from
@@ -328,6 +335,16 @@ ENVOY_REPLIES = [
      "Retry later."),
     ("response.code == 504", "server_error", "upstream_timeout",
      "The upstream did not answer in time (%RESPONSE_CODE_DETAILS%). Retry later."),
+    # Envoy's rate-limit filter: the caller is over a limit the fleet shares
+    # (global limits), or the service could not be asked and
+    # failure_mode_deny is on.
+    ("response.code_details == 'request_rate_limited'", "requests", "rate_limit_exceeded",
+     "This key is over a rate limit (requests or tokens per minute) that the gateway enforces "
+     "across all its instances. Please retry after %RESP(retry-after)% seconds."),
+    ("response.code_details == 'rate_limiter_error'", "server_error",
+     "rate_limit_service_unavailable",
+     "The gateway could not reach its rate-limit service, and refuses requests until it can. "
+     "Retry later."),
     ("response.code >= 500", "server_error", "gateway_error",
      "The gateway could not complete the request (%RESPONSE_CODE_DETAILS%)."),
     ("response.code >= 400", "invalid_request_error", "invalid_request",
@@ -567,3 +584,158 @@ def assert_openai_error(response, status, code):
     assert body["error"]["code"] == code, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     return body["error"]
+
+
+# ---------------------------------------------------------------- Redis and the rate-limit service
+
+def free_port():
+    """A loopback port nothing listens on right now (for servers that cannot
+    bind port 0 themselves and report it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """Debian's redis-server on a free loopback port, in memory only (no RDB
+    snapshots, no AOF), stopped by stop()."""
+
+    def __init__(self, binary="redis-server"):
+        self.binary = shutil.which(binary)
+        if self.binary is None:
+            raise RuntimeError("redis-server is missing: apt-get install redis-server "
+                               "(tests/run.sh does)")
+        self.dir = Path(tempfile.mkdtemp(prefix="redis-test-"))
+        self.process = None
+        self.port = None
+
+    def start(self, timeout=10):
+        # The port is chosen here and bound by Redis a moment later: another
+        # process may take it in between, so a few ports are tried.
+        for _ in range(5):
+            port = free_port()
+            self.process = subprocess.Popen(
+                [self.binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                 "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no",
+                 "--logfile", str(self.dir / "redis.log")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.process.poll() is None:
+                try:
+                    if self._command(port, "PING") == b"+PONG":
+                        self.port = port
+                        self.url = f"redis://127.0.0.1:{port}"
+                        return self
+                except OSError:
+                    time.sleep(0.02)
+            self.stop()
+        raise RuntimeError(f"redis-server did not start:\n{self.log()}")
+
+    @staticmethod
+    def _command(port, *args):
+        """One command in RESP; returns the reply's first line."""
+        request = f"*{len(args)}\r\n".encode()
+        for arg in args:
+            arg = str(arg).encode()
+            request += b"$%d\r\n%s\r\n" % (len(arg), arg)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(request)
+            reply = b""
+            while not reply.endswith(b"\r\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        return reply.split(b"\r\n")[0]
+
+    def command(self, *args):
+        return self._command(self.port, *args)
+
+    def flush(self):
+        assert self.command("FLUSHALL") == b"+OK"
+
+    def log(self):
+        path = self.dir / "redis.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def cleanup(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RateLimitService:
+    """The tests' Envoy rate-limit service (tests/rls: Limitador's engine on
+    Redis) on a port of its own choosing. Every request it decided is in
+    requests(), as it received it."""
+
+    def __init__(self, redis_url, limits_path):
+        if not RLS.exists():
+            raise RuntimeError(f"{RLS} is missing: cargo build --release --locked "
+                               "--manifest-path tests/rls/Cargo.toml (tests/run.sh does)")
+        self.dir = Path(tempfile.mkdtemp(prefix="rls-test-"))
+        self.record = self.dir / "requests.jsonl"
+        self.log_path = self.dir / "rls.log"
+        self.args = [str(RLS), "--redis", redis_url, "--limits", str(limits_path),
+                     "--listen", "127.0.0.1:0", "--record", str(self.record)]
+        self.process = None
+        self.port = None
+
+    def start(self, timeout=30):
+        self.record.write_text("")
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=log)
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        line = self.process.stdout.readline().decode() if ready else ""
+        if not line.startswith("listening on "):
+            self.stop()
+            raise RuntimeError(f"the rate-limit service did not start ({line!r}):\n{self.log()}")
+        self.port = int(line.split()[2].rsplit(":", 1)[1])
+        return self
+
+    def requests(self):
+        """Every ShouldRateLimit request decided so far, oldest first: domain,
+        hits_addend, descriptors (entries, their own hits_addend or None, the
+        hits added, the counters that applied) and overall_code."""
+        lines = self.record.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.endswith("}")]
+
+    def clear(self):
+        self.record.write_text("")
+
+    def wait_for(self, predicate, timeout=10.0):
+        """requests() once predicate(requests()) holds; fails after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = self.requests()
+            if predicate(seen):
+                return seen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the rate-limit service never saw what was expected: {seen}")
+            time.sleep(0.02)
+
+    def log(self):
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def cleanup(self):
+        self.stop()
+        if self.process and self.process.stdout:
+            self.process.stdout.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -6,8 +6,8 @@ filters the control plane generates (names and shapes as their sources and
 docs give them), apply the manifest's patches the way the control plane
 applies them, and return an Envoy bootstrap plus the environment the pod
 would have. Everything the manifests carry (filter settings, routes,
-clusters, stats tags, secrets-to-environment wiring) goes to Envoy as
-written; what is emulated is said at each step.
+clusters, connection manager settings such as local_reply_config, stats
+tags, secrets-to-environment wiring) goes to Envoy as written; what is emulated is said at each step.
 """
 
 import copy
@@ -290,11 +290,22 @@ def envoy_gateway(wasm_path):
                     "typed_per_filter_config": {filter_name: {
                         "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
                         "config": {}}}}]}]}
+    # Its connection manager always carries HTTP/2 options (listener.go,
+    # http2ProtocolOptions: 100 streams, a 64 KiB stream and a 1 MiB
+    # connection window unless a ClientTrafficPolicy says otherwise) and
+    # refuses header names with underscores (ClientTrafficPolicy
+    # headers.withUnderscoresAction, RejectRequest by default), and its
+    # listener has a 32 KiB per_connection_buffer_limit_bytes.
     hcm = {"@type": HCM_TYPE, "stat_prefix": "http-10080", "codec_type": "AUTO",
            "rds": {"route_config_name": listener_name},
+           "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
+           "http2_protocol_options": {"max_concurrent_streams": 100,
+                                      "initial_stream_window_size": 65536,
+                                      "initial_connection_window_size": 1048576},
            "http_filters": [wasm_filter, copy.deepcopy(ROUTER)]}
     xds_listener = {"name": listener_name,
                     "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                    "per_connection_buffer_limit_bytes": 32768,
                     "default_filter_chain": {"filters": [
                         {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}}
     resources = {"type.googleapis.com/envoy.config.listener.v3.Listener": {listener_name: xds_listener},

@@ -15,8 +15,9 @@ import openai
 import pytest
 import yaml
 from conftest import gateway_config
-from harness import (ACCESS_LOG_FORMAT, NATIVE_MODULE, ROOT, WASM, Envoy, assert_openai_error, bootstrap,
-                     cluster, validate, wasm_filter)
+from harness import (ACCESS_LOG_FORMAT, NATIVE_MODULE, ROOT, STATS_TAGS, WASM, Envoy,
+                     assert_openai_error, bootstrap, cluster, local_reply_config, validate,
+                     wasm_filter)
 
 EXAMPLES = sorted((ROOT / "envoy").glob("*.yaml"))
 
@@ -152,6 +153,28 @@ def test_there_are_examples():
     names = {p.name for p in EXAMPLES}
     assert {"demo.yaml", "production.yaml", "entra.yaml", "managed-identity.yaml",
             "pools.yaml", "native.yaml"} <= names
+
+
+def connection_managers(config):
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                if network_filter["name"] == "envoy.filters.network.http_connection_manager":
+                    yield network_filter["typed_config"]
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_carries_the_replies_and_stats_tags_the_tests_use(example):
+    """The local_reply_config and stats_tags written out in each example are
+    the very ones the suite runs with (harness.py), so they cannot drift."""
+    config = yaml.safe_load(example.read_text())
+    managers = list(connection_managers(config))
+    assert managers, example
+    for hcm in managers:
+        header = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["cluster_header"]
+        assert hcm["local_reply_config"] == local_reply_config(header), example
+    tags = [t for t in config["stats_config"]["stats_tags"]]
+    assert tags == STATS_TAGS, example
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])

@@ -272,7 +272,10 @@ def test_rejections_are_counted_with_their_status(gateway, upstreams):
                headers={"authorization": f"Bearer {TEAM_KEY}"}, timeout=10)
     assert wait_for(gateway, "azure_openai_requests_total", before_401 + 1,
                     caller="-", status="401") == before_401 + 1
-    assert count(caller="team", model="-", status="404") == before_404 + 1
+    # The two requests may have been served by different workers, each
+    # flushing its counts on its own tick: wait for each.
+    assert wait_for(gateway, "azure_openai_requests_total", before_404 + 1,
+                    caller="team", model="-", status="404") == before_404 + 1
     assert all(not server.received for server in upstreams.values())
 
 
