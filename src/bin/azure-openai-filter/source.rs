@@ -8,6 +8,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+const NATIVE_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter";
 const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
 /// The filter's root context id, as every shipped example sets it.
 const ROOT_ID: &str = "azure_openai";
@@ -25,7 +27,8 @@ pub struct Found {
 /// Which environment variables the filter's VM sees.
 #[derive(Debug, PartialEq, Eq)]
 pub enum EnvScope {
-    /// A bare JSON file: the variables of this shell stand for the VM's.
+    /// A bare JSON file, or the native module (which reads Envoy's own
+    /// environment): the variables of this shell stand for the filter's.
     Shell,
     /// `vm_config.environment_variables`: only these names are visible.
     Vm {
@@ -103,8 +106,9 @@ pub fn find(text: &str) -> Result<Vec<Found>, String> {
         }
         return Err(format!(
             "no configuration of this filter found: looked for Wasm filters (root_id `{ROOT_ID}`, \
-             or a module named azure_openai_filter / azure-openai-filter) whose configuration is \
-             a google.protobuf.StringValue, and Envoy Gateway EnvoyExtensionPolicy wasm entries"
+             or a module named azure_openai_filter / azure-openai-filter) and native module \
+             filters (dynamic_modules, module azure_openai_filter) whose configuration is a \
+             google.protobuf.StringValue, and Envoy Gateway EnvoyExtensionPolicy wasm entries"
         ));
     }
     Ok(found)
@@ -142,6 +146,12 @@ fn walk(
         Value::Object(map) => {
             if map.get("@type").and_then(Value::as_str) == Some(WASM_TYPE) {
                 if let Some(found) = wasm_filter(value, document, path) {
+                    out.push(found);
+                }
+                return;
+            }
+            if map.get("@type").and_then(Value::as_str) == Some(NATIVE_TYPE) {
+                if let Some(found) = native_filter(value, document, path) {
                     out.push(found);
                 }
                 return;
@@ -213,6 +223,28 @@ fn wasm_filter(filter: &Value, document: &str, path: &str) -> Option<Found> {
             host_env_keys,
             key_values,
         },
+    })
+}
+
+/// The native module's filter entry (`envoy/native.yaml`): its
+/// `dynamic_module_config.name` names the library.
+fn native_filter(filter: &Value, document: &str, path: &str) -> Option<Found> {
+    let module = filter.pointer("/dynamic_module_config/name")?;
+    if !is_this_filter(None, module) {
+        return None;
+    }
+    let configuration = filter.get("filter_config")?;
+    if configuration.get("@type").and_then(Value::as_str) != Some(STRING_VALUE_TYPE) {
+        return None;
+    }
+    let json = configuration
+        .get("value")
+        .and_then(Value::as_str)?
+        .to_string();
+    Some(Found {
+        place: format!("{document} ({})", path.trim_start_matches('.')),
+        json,
+        env: EnvScope::Shell,
     })
 }
 
