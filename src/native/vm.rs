@@ -520,11 +520,27 @@ pub enum Phase {
 pub struct NativeStream {
     filter: FilterPtr,
     phase: Phase,
+    /// Request headers changed: Envoy must choose the route again.
+    rerouted: bool,
+}
+
+impl Drop for NativeStream {
+    fn drop(&mut self) {
+        if self.rerouted {
+            // Once per hook, as Envoy does by itself for Wasm filters'
+            // header changes: the cluster header picks the route.
+            abi::clear_route_cache(self.filter);
+        }
+    }
 }
 
 impl NativeStream {
     pub fn new(filter: FilterPtr, phase: Phase) -> Self {
-        NativeStream { filter, phase }
+        NativeStream {
+            filter,
+            phase,
+            rerouted: false,
+        }
     }
 
     pub fn outside_body(filter: FilterPtr) -> Self {
@@ -639,11 +655,10 @@ impl NativeStream {
         Ok(headers::encode(&refs))
     }
 
-    fn set(&self, map: HeaderMap, name: &str, value: Option<&[u8]>) -> Result<(), HostError> {
+    fn set(&mut self, map: HeaderMap, name: &str, value: Option<&[u8]>) -> Result<(), HostError> {
         if abi::set_header(self.filter, map, name, value) {
             if matches!(map, HeaderMap::Request) {
-                // Envoy re-routes Wasm filters' header changes by itself.
-                abi::clear_route_cache(self.filter);
+                self.rerouted = true;
             }
             Ok(())
         } else {
@@ -715,6 +730,9 @@ impl Stream for NativeStream {
     }
 
     fn resume_request(&mut self) -> Result<(), HostError> {
+        if std::mem::take(&mut self.rerouted) {
+            abi::clear_route_cache(self.filter);
+        }
         abi::continue_decoding(self.filter);
         Ok(())
     }
