@@ -380,6 +380,17 @@ impl Exchange {
         Flow::Continue
     }
 
+    /// An answer that did not reach its end (the caller left, or the
+    /// stream was reset, after its usage event came) is counted with the
+    /// usage read so far.
+    fn settle_usage(&mut self) {
+        if self.account.usage.is_none() {
+            if let Some(reader) = &self.account.reader {
+                self.account.usage = reader.usage();
+            }
+        }
+    }
+
     /// With `global_rate_limit`, once the answer has ended: the tokens it
     /// used, for the cost Envoy's rate-limit filter charges when the stream
     /// is done (filter state `wasm.azure_openai_tokens`; 0 when the answer
@@ -719,6 +730,7 @@ impl Exchange {
         let Some(worker) = self.worker.clone() else {
             return;
         };
+        self.settle_usage();
         self.record(host, &worker);
         match self.state {
             State::WaitingForToken => {
@@ -741,6 +753,7 @@ impl Exchange {
         let Some(worker) = self.worker.clone() else {
             return;
         };
+        self.settle_usage();
         let config = &worker.config;
         let account = &self.account;
         let (model, upstream, deployment) =
@@ -1603,6 +1616,44 @@ mod tests {
             send(&mut exchange, &mut hosts[1], &mut stream),
             Flow::Continue
         );
+    }
+
+    #[test]
+    fn a_stream_left_after_its_usage_event_is_still_charged() {
+        let world = World::new(60_000 * 1_000);
+        let mut host = FakeHost::new(&world, 1);
+        let worker = limited_worker(
+            &mut host,
+            serde_json::json!({"tokens_per_minute": 50}),
+            false,
+        );
+        let body = r#"{"model":"gpt-4o","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#;
+        let mut stream = chat(body);
+        let mut exchange = Exchange::new(1, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut stream), Flow::Continue);
+        stream.response_headers = vec![
+            (":status".into(), b"200".to_vec()),
+            ("content-type".into(), b"text/event-stream".to_vec()),
+        ];
+        let events = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":40,\"completion_tokens\":20}}\n\ndata: [DONE]\n\n";
+        stream.response_body = events.as_bytes().to_vec();
+        assert_eq!(
+            exchange.on_response_headers(&mut host, &mut stream, false),
+            Flow::Continue
+        );
+        // The caller leaves before the end of the stream comes.
+        assert_eq!(
+            exchange.on_response_body(&mut host, &mut stream, events.len(), false),
+            Flow::Continue
+        );
+        exchange.on_done(&mut host);
+        worker.on_tick(&mut host);
+        let mut next = chat(BODY);
+        let mut exchange = Exchange::new(2, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut next), Flow::Pause);
+        let reply = next.reply.clone().unwrap();
+        assert_eq!(reply.status, 429);
+        assert_eq!(reply.json()["error"]["type"], "tokens");
     }
 
     #[test]
