@@ -136,6 +136,8 @@ struct Account {
     standing: Option<Standing>,
     /// The tokens used were published for Envoy's rate-limit filter.
     published: bool,
+    /// The access-log fields were published.
+    logged: bool,
     recorded: bool,
 }
 
@@ -288,7 +290,7 @@ impl Exchange {
             }
         }
         if end_of_stream {
-            self.publish_usage(stream);
+            self.publish(host, stream);
             return Flow::Continue;
         }
         let content_type = header("content-type").unwrap_or_default();
@@ -333,7 +335,7 @@ impl Exchange {
     ) -> Flow {
         let flow = self.response_body(host, stream, body_size, end_of_stream);
         if end_of_stream && flow == Flow::Continue {
-            self.publish_usage(stream);
+            self.publish(host, stream);
         }
         flow
     }
@@ -391,6 +393,16 @@ impl Exchange {
         }
     }
 
+    /// The answer is complete (its end passed, or the filter made it):
+    /// what Envoy's access log and rate-limit filter read from the filter
+    /// state, set now, in a callback the filter is in anyway. (Envoy's log
+    /// callback would come later, but entering the VM once more per request
+    /// costs more than the rest of the access-log fields.)
+    fn publish(&mut self, host: &mut dyn Host, stream: &mut dyn Stream) {
+        self.publish_usage(stream);
+        self.publish_log(host, stream);
+    }
+
     /// With `global_rate_limit`, once the answer has ended: the tokens it
     /// used, for the cost Envoy's rate-limit filter charges when the stream
     /// is done (filter state `wasm.azure_openai_tokens`; 0 when the answer
@@ -415,6 +427,7 @@ impl Exchange {
         if let Some(standing) = &self.account.standing {
             error.headers.extend(standing.headers());
         }
+        self.publish(host, stream);
         send_error(host, stream, &error);
     }
 
@@ -667,7 +680,7 @@ impl Exchange {
             .copied()
             .collect();
         passed.extend(own.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
-        self.publish_usage(stream);
+        self.publish(host, stream);
         send_reply(host, stream, status, &passed, &body);
     }
 
@@ -744,16 +757,18 @@ impl Exchange {
         self.state = State::Answered;
     }
 
-    /// Envoy writes its access log: the request's fields, as one JSON object
-    /// in the property `azure_openai` (filter state `wasm.azure_openai`),
-    /// for a `%CEL(...)%` or `%FILTER_STATE(wasm.azure_openai:PLAIN)%` in
-    /// the log format. Values come only from the configuration and from
+    /// The request's fields for Envoy's access log, as one JSON object in
+    /// the property `azure_openai` (filter state `wasm.azure_openai`), for a
+    /// `%CEL(...)%` or `%FILTER_STATE(wasm.azure_openai:PLAIN)%` in the log
+    /// format; set once. Values come only from the configuration and from
     /// numbers; never a key, a token or a body.
-    pub fn on_log(&mut self, host: &mut dyn Host, stream: &mut dyn Stream) {
+    fn publish_log(&mut self, host: &mut dyn Host, stream: &mut dyn Stream) {
+        if std::mem::replace(&mut self.account.logged, true) {
+            return;
+        }
         let Some(worker) = self.worker.clone() else {
             return;
         };
-        self.settle_usage();
         let config = &worker.config;
         let account = &self.account;
         let (model, upstream, deployment) =
@@ -878,6 +893,7 @@ impl Exchange {
                     .unwrap_or_default();
                 let mut reply: Vec<(&[u8], &[u8])> = vec![(b"content-type", b"application/json")];
                 reply.extend(own.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+                self.publish(host, stream);
                 send_reply(host, stream, status, &reply, &body);
                 Ok(Flow::Pause)
             }
@@ -1616,6 +1632,41 @@ mod tests {
             send(&mut exchange, &mut hosts[1], &mut stream),
             Flow::Continue
         );
+    }
+
+    #[test]
+    fn access_log_fields_are_set_when_the_answer_ends_or_the_filter_answers() {
+        let world = World::new(60_000 * 1_000);
+        let mut host = FakeHost::new(&world, 1);
+        let worker = limited_worker(
+            &mut host,
+            serde_json::json!({"requests_per_minute": 1}),
+            false,
+        );
+        let mut stream = chat(BODY);
+        let mut exchange = Exchange::new(1, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut stream), Flow::Continue);
+        assert!(!stream.properties.contains_key(LOG_PROPERTY));
+        answered(&mut exchange, &mut host, &mut stream, 40, 20);
+        let fields: serde_json::Value =
+            serde_json::from_slice(&stream.properties[LOG_PROPERTY]).unwrap();
+        assert_eq!(fields["status"], 200);
+        assert_eq!(fields["model"], "gpt-4o");
+        assert_eq!(
+            (
+                fields["input_tokens"].clone(),
+                fields["output_tokens"].clone()
+            ),
+            (40.into(), 20.into())
+        );
+        // A refusal the filter makes itself (over the request limit).
+        let mut refused = chat(BODY);
+        let mut exchange = Exchange::new(2, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut refused), Flow::Pause);
+        let fields: serde_json::Value =
+            serde_json::from_slice(&refused.properties[LOG_PROPERTY]).unwrap();
+        assert_eq!(fields["status"], 429);
+        assert_eq!(fields["input_tokens"], serde_json::Value::Null);
     }
 
     #[test]
