@@ -766,7 +766,7 @@ impl Exchange {
         if std::mem::replace(&mut self.account.logged, true) {
             return;
         }
-        let Some(worker) = self.worker.clone() else {
+        let Some(worker) = self.worker.clone().filter(|w| w.config.access_log) else {
             return;
         };
         let config = &worker.config;
@@ -1513,6 +1513,15 @@ mod tests {
     }
 
     fn limited_worker(host: &mut FakeHost, limits: serde_json::Value, global: bool) -> Rc<Worker> {
+        logging_worker(host, limits, global, true)
+    }
+
+    fn logging_worker(
+        host: &mut FakeHost,
+        limits: serde_json::Value,
+        global: bool,
+        access_log: bool,
+    ) -> Rc<Worker> {
         let json = serde_json::json!({
             "upstreams": {"west": {"endpoint": "https://acme-west.openai.azure.com",
                                    "cluster": "azure_west", "auth": {"api_key": {"value": "k"}}}},
@@ -1522,6 +1531,7 @@ mod tests {
                         {"name": "other", "key_sha256": hex::encode(Sha256::digest("sk-other")),
                          "models": ["gpt-4o"]}],
             "global_rate_limit": global,
+            "access_log": access_log,
             "responses_upstream": "west"
         });
         let config = Config::from_json(json.to_string().as_bytes(), &|_| None).unwrap();
@@ -1667,6 +1677,18 @@ mod tests {
             serde_json::from_slice(&refused.properties[LOG_PROPERTY]).unwrap();
         assert_eq!(fields["status"], 429);
         assert_eq!(fields["input_tokens"], serde_json::Value::Null);
+        // Without `access_log`, nothing is published (no host call).
+        let worker = logging_worker(
+            &mut host,
+            serde_json::json!({"requests_per_minute": 9}),
+            false,
+            false,
+        );
+        let mut quiet = chat(BODY);
+        let mut exchange = Exchange::new(3, Some(worker));
+        assert_eq!(send(&mut exchange, &mut host, &mut quiet), Flow::Continue);
+        answered(&mut exchange, &mut host, &mut quiet, 40, 20);
+        assert!(quiet.properties.is_empty());
     }
 
     #[test]
