@@ -18,7 +18,7 @@ callbacks=(
   proxy_on_context_create proxy_on_delete
   proxy_on_request_headers proxy_on_request_body proxy_on_request_trailers
   proxy_on_response_headers proxy_on_response_body
-  proxy_on_tick proxy_on_http_call_response proxy_on_log
+  proxy_on_tick proxy_on_http_call_response
 )
 
 if ! rustup target list --installed | grep -qx "$target"; then

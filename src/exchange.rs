@@ -136,6 +136,8 @@ struct Account {
     standing: Option<Standing>,
     /// The tokens used were published for Envoy's rate-limit filter.
     published: bool,
+    /// The access-log fields were published.
+    logged: bool,
     recorded: bool,
 }
 
@@ -288,7 +290,7 @@ impl Exchange {
             }
         }
         if end_of_stream {
-            self.publish_usage(stream);
+            self.publish(host, stream);
             return Flow::Continue;
         }
         let content_type = header("content-type").unwrap_or_default();
@@ -333,7 +335,7 @@ impl Exchange {
     ) -> Flow {
         let flow = self.response_body(host, stream, body_size, end_of_stream);
         if end_of_stream && flow == Flow::Continue {
-            self.publish_usage(stream);
+            self.publish(host, stream);
         }
         flow
     }
@@ -380,6 +382,27 @@ impl Exchange {
         Flow::Continue
     }
 
+    /// An answer that did not reach its end (the caller left, or the
+    /// stream was reset, after its usage event came) is counted with the
+    /// usage read so far.
+    fn settle_usage(&mut self) {
+        if self.account.usage.is_none() {
+            if let Some(reader) = &self.account.reader {
+                self.account.usage = reader.usage();
+            }
+        }
+    }
+
+    /// The answer is complete (its end passed, or the filter made it):
+    /// what Envoy's access log and rate-limit filter read from the filter
+    /// state, set now, in a callback the filter is in anyway. (Envoy's log
+    /// callback would come later, but entering the VM once more per request
+    /// costs more than the rest of the access-log fields.)
+    fn publish(&mut self, host: &mut dyn Host, stream: &mut dyn Stream) {
+        self.publish_usage(stream);
+        self.publish_log(host, stream);
+    }
+
     /// With `global_rate_limit`, once the answer has ended: the tokens it
     /// used, for the cost Envoy's rate-limit filter charges when the stream
     /// is done (filter state `wasm.azure_openai_tokens`; 0 when the answer
@@ -404,6 +427,7 @@ impl Exchange {
         if let Some(standing) = &self.account.standing {
             error.headers.extend(standing.headers());
         }
+        self.publish(host, stream);
         send_error(host, stream, &error);
     }
 
@@ -656,7 +680,7 @@ impl Exchange {
             .copied()
             .collect();
         passed.extend(own.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
-        self.publish_usage(stream);
+        self.publish(host, stream);
         send_reply(host, stream, status, &passed, &body);
     }
 
@@ -719,6 +743,7 @@ impl Exchange {
         let Some(worker) = self.worker.clone() else {
             return;
         };
+        self.settle_usage();
         self.record(host, &worker);
         match self.state {
             State::WaitingForToken => {
@@ -732,13 +757,16 @@ impl Exchange {
         self.state = State::Answered;
     }
 
-    /// Envoy writes its access log: the request's fields, as one JSON object
-    /// in the property `azure_openai` (filter state `wasm.azure_openai`),
-    /// for a `%CEL(...)%` or `%FILTER_STATE(wasm.azure_openai:PLAIN)%` in
-    /// the log format. Values come only from the configuration and from
+    /// The request's fields for Envoy's access log, as one JSON object in
+    /// the property `azure_openai` (filter state `wasm.azure_openai`), for a
+    /// `%CEL(...)%` or `%FILTER_STATE(wasm.azure_openai:PLAIN)%` in the log
+    /// format; set once. Values come only from the configuration and from
     /// numbers; never a key, a token or a body.
-    pub fn on_log(&mut self, host: &mut dyn Host, stream: &mut dyn Stream) {
-        let Some(worker) = self.worker.clone() else {
+    fn publish_log(&mut self, host: &mut dyn Host, stream: &mut dyn Stream) {
+        if std::mem::replace(&mut self.account.logged, true) {
+            return;
+        }
+        let Some(worker) = self.worker.clone().filter(|w| w.config.access_log) else {
             return;
         };
         let config = &worker.config;
@@ -865,6 +893,7 @@ impl Exchange {
                     .unwrap_or_default();
                 let mut reply: Vec<(&[u8], &[u8])> = vec![(b"content-type", b"application/json")];
                 reply.extend(own.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+                self.publish(host, stream);
                 send_reply(host, stream, status, &reply, &body);
                 Ok(Flow::Pause)
             }
@@ -1484,6 +1513,15 @@ mod tests {
     }
 
     fn limited_worker(host: &mut FakeHost, limits: serde_json::Value, global: bool) -> Rc<Worker> {
+        logging_worker(host, limits, global, true)
+    }
+
+    fn logging_worker(
+        host: &mut FakeHost,
+        limits: serde_json::Value,
+        global: bool,
+        access_log: bool,
+    ) -> Rc<Worker> {
         let json = serde_json::json!({
             "upstreams": {"west": {"endpoint": "https://acme-west.openai.azure.com",
                                    "cluster": "azure_west", "auth": {"api_key": {"value": "k"}}}},
@@ -1493,6 +1531,7 @@ mod tests {
                         {"name": "other", "key_sha256": hex::encode(Sha256::digest("sk-other")),
                          "models": ["gpt-4o"]}],
             "global_rate_limit": global,
+            "access_log": access_log,
             "responses_upstream": "west"
         });
         let config = Config::from_json(json.to_string().as_bytes(), &|_| None).unwrap();
@@ -1603,6 +1642,91 @@ mod tests {
             send(&mut exchange, &mut hosts[1], &mut stream),
             Flow::Continue
         );
+    }
+
+    #[test]
+    fn access_log_fields_are_set_when_the_answer_ends_or_the_filter_answers() {
+        let world = World::new(60_000 * 1_000);
+        let mut host = FakeHost::new(&world, 1);
+        let worker = limited_worker(
+            &mut host,
+            serde_json::json!({"requests_per_minute": 1}),
+            false,
+        );
+        let mut stream = chat(BODY);
+        let mut exchange = Exchange::new(1, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut stream), Flow::Continue);
+        assert!(!stream.properties.contains_key(LOG_PROPERTY));
+        answered(&mut exchange, &mut host, &mut stream, 40, 20);
+        let fields: serde_json::Value =
+            serde_json::from_slice(&stream.properties[LOG_PROPERTY]).unwrap();
+        assert_eq!(fields["status"], 200);
+        assert_eq!(fields["model"], "gpt-4o");
+        assert_eq!(
+            (
+                fields["input_tokens"].clone(),
+                fields["output_tokens"].clone()
+            ),
+            (40.into(), 20.into())
+        );
+        // A refusal the filter makes itself (over the request limit).
+        let mut refused = chat(BODY);
+        let mut exchange = Exchange::new(2, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut refused), Flow::Pause);
+        let fields: serde_json::Value =
+            serde_json::from_slice(&refused.properties[LOG_PROPERTY]).unwrap();
+        assert_eq!(fields["status"], 429);
+        assert_eq!(fields["input_tokens"], serde_json::Value::Null);
+        // Without `access_log`, nothing is published (no host call).
+        let worker = logging_worker(
+            &mut host,
+            serde_json::json!({"requests_per_minute": 9}),
+            false,
+            false,
+        );
+        let mut quiet = chat(BODY);
+        let mut exchange = Exchange::new(3, Some(worker));
+        assert_eq!(send(&mut exchange, &mut host, &mut quiet), Flow::Continue);
+        answered(&mut exchange, &mut host, &mut quiet, 40, 20);
+        assert!(quiet.properties.is_empty());
+    }
+
+    #[test]
+    fn a_stream_left_after_its_usage_event_is_still_charged() {
+        let world = World::new(60_000 * 1_000);
+        let mut host = FakeHost::new(&world, 1);
+        let worker = limited_worker(
+            &mut host,
+            serde_json::json!({"tokens_per_minute": 50}),
+            false,
+        );
+        let body = r#"{"model":"gpt-4o","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#;
+        let mut stream = chat(body);
+        let mut exchange = Exchange::new(1, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut stream), Flow::Continue);
+        stream.response_headers = vec![
+            (":status".into(), b"200".to_vec()),
+            ("content-type".into(), b"text/event-stream".to_vec()),
+        ];
+        let events = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":40,\"completion_tokens\":20}}\n\ndata: [DONE]\n\n";
+        stream.response_body = events.as_bytes().to_vec();
+        assert_eq!(
+            exchange.on_response_headers(&mut host, &mut stream, false),
+            Flow::Continue
+        );
+        // The caller leaves before the end of the stream comes.
+        assert_eq!(
+            exchange.on_response_body(&mut host, &mut stream, events.len(), false),
+            Flow::Continue
+        );
+        exchange.on_done(&mut host);
+        worker.on_tick(&mut host);
+        let mut next = chat(BODY);
+        let mut exchange = Exchange::new(2, Some(worker.clone()));
+        assert_eq!(send(&mut exchange, &mut host, &mut next), Flow::Pause);
+        let reply = next.reply.clone().unwrap();
+        assert_eq!(reply.status, 429);
+        assert_eq!(reply.json()["error"]["type"], "tokens");
     }
 
     #[test]

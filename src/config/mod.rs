@@ -71,6 +71,9 @@ pub struct Config {
     /// Publish what Envoy's rate-limit filter needs (descriptor headers and
     /// the tokens a request used).
     pub global_rate_limit: bool,
+    /// Publish the request's fields for Envoy's access log (filter state
+    /// `wasm.azure_openai`).
+    pub access_log: bool,
     /// The request headers in which callers may send their own upstream
     /// key (`x-upstream-api-key` and each upstream's own name for it).
     pub caller_key_headers: Vec<String>,
@@ -277,6 +280,7 @@ fn validate(raw: RawConfig, env: Env) -> Result<Config, ConfigError> {
         cluster_header,
         max_request_body_bytes,
         global_rate_limit,
+        access_log: raw.access_log.unwrap_or(false),
         caller_key_headers,
         upstreams,
         models,

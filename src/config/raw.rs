@@ -14,6 +14,7 @@ pub struct RawConfig {
     pub max_request_body_bytes: Option<u64>,
     pub responses_upstream: Option<String>,
     pub global_rate_limit: Option<bool>,
+    pub access_log: Option<bool>,
 }
 
 pub struct RawUpstream {
@@ -122,6 +123,7 @@ impl RawConfig {
                 "max_request_body_bytes",
                 "responses_upstream",
                 "global_rate_limit",
+                "access_log",
             ],
         )?;
         let upstreams = entries(&top.path_of("upstreams"), top.required("upstreams")?)?
@@ -147,6 +149,7 @@ impl RawConfig {
             max_request_body_bytes: top.optional_u64("max_request_body_bytes")?,
             responses_upstream: top.optional_string("responses_upstream")?,
             global_rate_limit: top.optional_bool("global_rate_limit")?,
+            access_log: top.optional_bool("access_log")?,
         })
     }
 }

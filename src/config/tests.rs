@@ -1216,6 +1216,14 @@ fn caller_limits_are_read_and_checked() {
     );
     assert_eq!(config.callers[1].limits, None);
     assert!(!config.global_rate_limit);
+    assert!(!config.access_log);
+    assert!(
+        load(&with(base(), "/access_log", json!(true)))
+            .unwrap()
+            .access_log
+    );
+    assert!(refused(with(base(), "/access_log", json!(1)))
+        .contains("access_log: expected true or false"));
     let only_tokens = with(base(), "/callers/0/limits", json!({"tokens_per_minute": 5}));
     assert_eq!(
         load(&only_tokens).unwrap().callers[0].limits,

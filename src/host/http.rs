@@ -103,10 +103,4 @@ impl HttpContext for Request {
             end_of_stream,
         ))
     }
-
-    /// Envoy writes the access log (after the response, before the
-    /// context goes).
-    fn on_log(&mut self) {
-        self.exchange.on_log(&mut WasmHost, &mut WasmStream);
-    }
 }

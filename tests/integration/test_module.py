@@ -72,5 +72,4 @@ def test_module_exports_only_the_callbacks_it_implements():
         "proxy_on_request_headers", "proxy_on_request_body", "proxy_on_request_trailers",
         "proxy_on_response_headers", "proxy_on_response_body",
         "proxy_on_tick", "proxy_on_http_call_response",
-        "proxy_on_log",  # access-log fields, set before Envoy writes the log
     }

@@ -249,6 +249,12 @@ pub fn describe(config: &Config) -> String {
         "  routing header: {}; largest request body: {} bytes",
         config.cluster_header, config.max_request_body_bytes
     );
+    if config.access_log {
+        let _ = writeln!(
+            out,
+            "  access-log fields: on (filter state wasm.azure_openai)"
+        );
+    }
     if config.global_rate_limit {
         let _ = writeln!(
             out,
