@@ -99,8 +99,8 @@ impl Filter {
         }
     }
 
-    /// The access log's fields, the request's end, and what it leaves to
-    /// the tick (stats, tokens charged to limits), flushed now.
+    /// The request's end, and what it leaves to the tick (stats, tokens
+    /// charged to limits), flushed now.
     fn complete(&self) {
         self.complete_pending.set(false);
         if self.completed.get() {
@@ -111,8 +111,9 @@ impl Filter {
             return;
         };
         self.completed.set(true);
+        // (The access log's fields are set when the answer ends, in a hook
+        // the filter is in anyway.)
         let mut host = NativeHost::request(&self.vm, self.id, self.envoy);
-        exchange.on_log(&mut host, &mut NativeStream::outside_body(self.envoy));
         exchange.on_done(&mut host);
         drop(exchange);
         self.vm.flush(self.id, self.envoy);
