@@ -217,6 +217,17 @@ class RecordingUpstream:
         self.server.server_close()
 
 
+def terminate(process):
+    """Stops a child process: SIGTERM, then SIGKILL after 10 s."""
+    if process and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def read_chunked(stream):
     body = b""
     while True:
@@ -550,13 +561,7 @@ class Envoy:
         return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
 
     def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
 
     def cleanup(self):
         self.stop()
@@ -659,13 +664,7 @@ class RedisServer:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
 
     def cleanup(self):
         self.stop()
@@ -726,13 +725,7 @@ class RateLimitService:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
 
     def cleanup(self):
         self.stop()
