@@ -36,6 +36,7 @@ mod metrics;
 mod pool;
 mod routes;
 mod secret;
+mod shared_form;
 mod stats;
 mod token;
 mod upstream_errors;

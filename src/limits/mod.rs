@@ -20,6 +20,7 @@
 use crate::config::{Caller, CallerLimits, Config};
 use crate::errors::ApiError;
 use crate::host_api::{log, Host, Level, Write};
+use crate::shared_form;
 
 pub const WINDOW_MS: u64 = 60_000;
 const CAS_ATTEMPTS: usize = 8;
@@ -36,24 +37,16 @@ pub struct Window {
 
 impl Window {
     pub fn encode(&self) -> Vec<u8> {
-        format!(
-            "{FORMAT}\n{}\n{}\n{}",
-            self.start_ms, self.requests, self.tokens
-        )
-        .into_bytes()
+        shared_form::encode(FORMAT, &[self.start_ms, self.requests, self.tokens])
     }
 
     pub fn decode(bytes: &[u8]) -> Self {
         let decoded = || -> Option<Window> {
-            let text = std::str::from_utf8(bytes).ok()?;
-            let mut lines = text.split('\n');
-            if lines.next()? != FORMAT {
-                return None;
-            }
+            let mut numbers = shared_form::decode(bytes, FORMAT)?;
             Some(Window {
-                start_ms: lines.next()?.parse().ok()?,
-                requests: lines.next()?.parse().ok()?,
-                tokens: lines.next()?.parse().ok()?,
+                start_ms: numbers.next()??,
+                requests: numbers.next()??,
+                tokens: numbers.next()??,
             })
         };
         decoded().unwrap_or_default()

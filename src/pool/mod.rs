@@ -19,6 +19,7 @@ use crate::config::{Config, Model};
 use crate::errors::ApiError;
 use crate::gateway::Chooser;
 use crate::host_api::{log, Host, Level, Write};
+use crate::shared_form;
 
 const DEFAULT_COOLDOWN_MS: u64 = 10_000;
 const MAX_COOLDOWN_MS: u64 = 300_000;
@@ -39,19 +40,15 @@ pub struct Cooldown {
 
 impl Cooldown {
     pub fn encode(&self) -> Vec<u8> {
-        format!("{FORMAT}\n{}\n{}", self.until_ms, self.failures).into_bytes()
+        shared_form::encode(FORMAT, &[self.until_ms, u64::from(self.failures)])
     }
 
     pub fn decode(bytes: &[u8]) -> Self {
         let decoded = || -> Option<Cooldown> {
-            let text = std::str::from_utf8(bytes).ok()?;
-            let mut lines = text.split('\n');
-            if lines.next()? != FORMAT {
-                return None;
-            }
+            let mut numbers = shared_form::decode(bytes, FORMAT)?;
             Some(Cooldown {
-                until_ms: lines.next()?.parse().ok()?,
-                failures: lines.next()?.parse().ok()?,
+                until_ms: numbers.next()??,
+                failures: u32::try_from(numbers.next()??).ok()?,
             })
         };
         decoded().unwrap_or_default()

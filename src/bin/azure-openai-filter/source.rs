@@ -188,14 +188,7 @@ fn wasm_filter(filter: &Value, document: &str, path: &str) -> Option<Found> {
     if !is_this_filter(root_id, vm.get("code").unwrap_or(&Value::Null)) {
         return None;
     }
-    let configuration = config.get("configuration")?;
-    if configuration.get("@type").and_then(Value::as_str) != Some(STRING_VALUE_TYPE) {
-        return None;
-    }
-    let json = configuration
-        .get("value")
-        .and_then(Value::as_str)?
-        .to_string();
+    let json = string_value(config.get("configuration")?)?;
     let variables = vm.get("environment_variables").unwrap_or(&Value::Null);
     let host_env_keys = variables
         .get("host_env_keys")
@@ -226,6 +219,19 @@ fn wasm_filter(filter: &Value, document: &str, path: &str) -> Option<Found> {
     })
 }
 
+/// The text of a `google.protobuf.StringValue` (the filter's JSON).
+fn string_value(configuration: &Value) -> Option<String> {
+    if configuration.get("@type").and_then(Value::as_str) != Some(STRING_VALUE_TYPE) {
+        return None;
+    }
+    Some(
+        configuration
+            .get("value")
+            .and_then(Value::as_str)?
+            .to_string(),
+    )
+}
+
 /// The native module's filter entry (`envoy/native.yaml`): its
 /// `dynamic_module_config.name` names the library.
 fn native_filter(filter: &Value, document: &str, path: &str) -> Option<Found> {
@@ -233,14 +239,7 @@ fn native_filter(filter: &Value, document: &str, path: &str) -> Option<Found> {
     if !is_this_filter(None, module) {
         return None;
     }
-    let configuration = filter.get("filter_config")?;
-    if configuration.get("@type").and_then(Value::as_str) != Some(STRING_VALUE_TYPE) {
-        return None;
-    }
-    let json = configuration
-        .get("value")
-        .and_then(Value::as_str)?
-        .to_string();
+    let json = string_value(filter.get("filter_config")?)?;
     Some(Found {
         place: format!("{document} ({})", path.trim_start_matches('.')),
         json,
