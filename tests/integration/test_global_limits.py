@@ -365,7 +365,7 @@ def test_the_token_limit_bites_once_usage_is_charged(envoys, rls, upstream):
     assert len(upstream.received) == 4
     # The refused requests' ends charged nothing (Envoy still sends their
     # token descriptor, with the 0 the filter stored); team-b paid its own.
-    seen = rls.wait_for(lambda r: len(charges(r)) >= 6)
+    seen = rls.wait_for(lambda r: len(charges(r)) >= 6 and len(paid(r)) >= 4)
     by_caller = Counter()
     for charge in charges(seen):
         by_caller[dict(charge["descriptors"][0]["entries"])["caller"]] += \
