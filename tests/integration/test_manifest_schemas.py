@@ -24,7 +24,10 @@ def validator():
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.fail("node and npm are needed (the README's requirements)")
     stamp = TOOLS / "package.json"
-    if not stamp.exists() or stamp.read_text() != (SCHEMAS / "package.json").read_text():
+    # An install cut short leaves the package.json without the packages.
+    installed = (TOOLS / "node_modules" / "kubernetes-models").is_dir()
+    if not installed or not stamp.exists() or \
+            stamp.read_text() != (SCHEMAS / "package.json").read_text():
         TOOLS.mkdir(parents=True, exist_ok=True)
         shutil.copy(SCHEMAS / "package.json", stamp)
         subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(TOOLS)],
