@@ -566,6 +566,7 @@ impl Exchange {
                 headers: &refs,
                 body: Some(&body),
                 timeout_ms: FAILOVER_TIMEOUT_MS,
+                token_for: None,
             })
             .map_err(|e| format!("{e:?}"))?;
         failover.callout = Some(callout);

@@ -51,7 +51,8 @@ pub enum MetricKind {
     Gauge,
 }
 
-/// An HTTP request the filter sends itself (a token fetch).
+/// An HTTP request the filter sends itself (a token fetch, a failover
+/// attempt).
 #[derive(Debug)]
 pub struct Callout<'a> {
     pub cluster: &'a str,
@@ -59,6 +60,21 @@ pub struct Callout<'a> {
     pub headers: &'a [(&'a str, &'a str)],
     pub body: Option<&'a [u8]>,
     pub timeout_ms: u64,
+    /// Set on a root's token fetch. Its answer is a fact about the
+    /// credential, not about the VM that asked: a host that cannot hand it
+    /// back to that VM soon (the native module's worker may have no stream
+    /// open to carry it) may give it to another VM of the filter, which
+    /// applies it with `Tokens::on_answer`.
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))] // read by the native module
+    pub token_for: Option<TokenFetch>,
+}
+
+/// Which credential a token fetch is for, and when it was sent (the
+/// token's lifetime counts from then).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenFetch {
+    pub credential: usize,
+    pub sent_at_ms: u64,
 }
 
 /// Why a callout could not be sent.

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use crate::headers::{self, Header};
-use crate::host_api::{Callout, CalloutError, Host, HostError, Level, MetricKind, Stream, Write};
+use crate::host_api::{
+    Callout, CalloutError, Host, HostError, Level, MetricKind, Stream, TokenFetch, Write,
+};
 
 /// One Envoy process.
 #[derive(Default)]
@@ -62,6 +64,7 @@ pub struct SentCallout {
     pub headers: Vec<(String, String)>,
     pub body: Option<Vec<u8>>,
     pub timeout_ms: u64,
+    pub token_for: Option<TokenFetch>,
 }
 
 /// One VM of a [`World`].
@@ -145,6 +148,7 @@ impl Host for FakeHost {
                 .collect(),
             body: callout.body.map(<[u8]>::to_vec),
             timeout_ms: callout.timeout_ms,
+            token_for: callout.token_for,
         });
         Ok(id)
     }

@@ -15,7 +15,7 @@ use crate::body_watch::BodyWatch;
 use crate::config::Config;
 use crate::errors::ApiError;
 use crate::gateway::HeaderEdit;
-use crate::host_api::{log, CalloutResponse, Host, HostError, Level, Stream};
+use crate::host_api::{log, CalloutResponse, Host, HostError, Level, Stream, TokenFetch};
 use crate::limits;
 use crate::metrics::Recorder;
 use crate::pool::Cooldowns;
@@ -131,11 +131,34 @@ impl Worker {
     }
 
     /// An answer to a callout the root sent.
+    #[cfg_attr(all(feature = "native", not(target_arch = "wasm32")), allow(dead_code))]
     pub fn on_callout_response(
         &self,
         host: &mut dyn Host,
         callout: u32,
         response: &CalloutResponse,
+    ) -> Vec<Chore> {
+        self.with_tokens(host, |tokens, host| {
+            tokens.on_response(host, callout, response)
+        })
+    }
+
+    /// The answer to a token fetch that this or another worker sent (a host
+    /// that hands answers to whichever worker can take them: `TokenFetch`).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))] // read by the native module
+    pub fn on_token_answer(
+        &self,
+        host: &mut dyn Host,
+        fetch: TokenFetch,
+        response: &CalloutResponse,
+    ) -> Vec<Chore> {
+        self.with_tokens(host, |tokens, host| tokens.on_answer(host, fetch, response))
+    }
+
+    fn with_tokens(
+        &self,
+        host: &mut dyn Host,
+        answer: impl FnOnce(&mut Tokens, &mut dyn Host) -> Vec<Settlement>,
     ) -> Vec<Chore> {
         let Some(tokens) = &self.tokens else {
             return Vec::new();
@@ -151,8 +174,7 @@ impl Worker {
             );
             return Vec::new();
         };
-        tokens
-            .on_response(host, callout, response)
+        answer(&mut tokens, host)
             .into_iter()
             .map(Chore::Settle)
             .collect()

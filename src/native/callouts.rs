@@ -1,4 +1,4 @@
-//! The worker's own callouts (token fetches), sent from the main thread.
+//! The workers' token fetches, sent from the main thread.
 //!
 //! In Wasm they leave from the VM's root context, which lives as long as
 //! the VM. A dynamic-module HTTP filter can send a callout only from a
@@ -6,10 +6,14 @@
 //! fetch started by a short request is often before the answer) or from
 //! the filter configuration, on the main thread. So a worker thread queues
 //! the fetch here and wakes the main thread with the configuration's
-//! scheduler; the main thread sends it; its answer goes into the worker's
-//! [`Inbox`], and a live stream of that worker is woken (its scheduler) to
-//! hand it to the worker. With no stream open on the worker, the answer
-//! waits for the next stream's first hook.
+//! scheduler; the main thread sends it; its answer goes into the
+//! configuration's [`Inbox`], and every worker with a live stream has that
+//! stream woken (its scheduler) to take it. Whichever worker takes it
+//! applies it (`Tokens::on_answer`): the answer is a fact about the
+//! credential, written to the state every worker reads, so a worker that
+//! sent a fetch and then carried no more traffic does not keep the token
+//! (or the failure) from the others. With no stream open on any worker,
+//! the answer waits for the next stream's first hook.
 //!
 //! Whether Envoy has the cluster is learnt only on the main thread: a
 //! fetch to a missing cluster is answered as unanswered, the cluster is
@@ -18,69 +22,90 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
 use super::abi::{self, ConfigPtr, ConfigSchedulerPtr, LogLevel, SchedulerPtr};
-use crate::host_api::CalloutResponse;
+use crate::host_api::{CalloutResponse, TokenFetch};
 use crate::token::MAX_TOKEN_RESPONSE_BYTES;
 
-/// The event id that wakes a stream for its worker's callout answers.
+/// The event id that wakes a stream for the token answers that came.
 pub const INBOX_EVENT: u64 = 2;
 
-/// Callout answers for one worker thread's VM.
+/// Token answers for the workers of one filter configuration.
 #[derive(Default)]
 pub struct Inbox {
+    /// Fetches sent whose answers no worker has taken yet.
+    expected: AtomicUsize,
     waiting: AtomicUsize,
-    answers: Mutex<Vec<(u32, CalloutResponse)>>,
-    /// The scheduler of a live stream of that worker (0: none).
-    waker: Mutex<usize>,
+    answers: Mutex<Vec<(TokenFetch, CalloutResponse)>>,
+    /// At most one live stream's scheduler per worker (by `Vm::key`).
+    wakers: Mutex<Vec<(u64, usize)>>,
 }
 
 impl Inbox {
-    fn deliver(&self, id: u32, response: CalloutResponse) {
+    fn deliver(&self, fetch: TokenFetch, response: CalloutResponse) {
         self.answers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((id, response));
+            .push((fetch, response));
         self.waiting.fetch_add(1, Ordering::AcqRel);
-        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner());
-        if *waker != 0 {
+        // Every worker that can is woken: the first takes the answer, the
+        // others find nothing (a stream may end before its event runs).
+        let wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, scheduler) in wakers.iter() {
             // Under the lock: the scheduler is not deleted meanwhile.
-            abi::scheduler_commit(*waker as SchedulerPtr, INBOX_EVENT);
+            abi::scheduler_commit(*scheduler as SchedulerPtr, INBOX_EVENT);
         }
     }
 
     /// The answers that came (cheap when none did).
-    pub fn take(&self) -> Vec<(u32, CalloutResponse)> {
+    pub fn take(&self) -> Vec<(TokenFetch, CalloutResponse)> {
         if self.waiting.load(Ordering::Acquire) == 0 {
             return Vec::new();
         }
         let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
         self.waiting.store(0, Ordering::Release);
-        std::mem::take(&mut *answers)
+        let taken = std::mem::take(&mut *answers);
+        let _ = self
+            .expected
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(taken.len()))
+            });
+        taken
     }
 
-    /// Makes `scheduler` the one woken, unless another is.
-    pub fn set_waker(&self, scheduler: SchedulerPtr) {
-        let mut waker = self.waker.lock().unwrap_or_else(|e| e.into_inner());
-        if *waker == 0 {
-            *waker = scheduler as usize;
+    /// Whether worker `worker` should offer a stream's scheduler: an answer
+    /// is expected and it has none registered (cheap when none is).
+    pub fn wants_waker(&self, worker: u64) -> bool {
+        self.expected.load(Ordering::Acquire) > 0
+            && !self
+                .wakers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|(w, _)| *w == worker)
+    }
+
+    /// Makes `scheduler` worker `worker`'s one woken, unless another is.
+    pub fn set_waker(&self, worker: u64, scheduler: SchedulerPtr) {
+        let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        if !wakers.iter().any(|(w, _)| *w == worker) {
+            wakers.push((worker, scheduler as usize));
         }
     }
 
     /// Before `scheduler` is deleted.
-    pub fn forget_waker(&self, scheduler: SchedulerPtr) {
-        let mut waker = self.waker.lock().unwrap_or_else(|e| e.into_inner());
-        if *waker == scheduler as usize {
-            *waker = 0;
-        }
+    pub fn forget_waker(&self, worker: u64, scheduler: SchedulerPtr) {
+        self.wakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|entry| *entry != (worker, scheduler as usize));
     }
 }
 
 /// One fetch for the main thread to send.
 pub struct Job {
-    pub inbox: Arc<Inbox>,
-    pub id: u32,
+    pub fetch: TokenFetch,
     pub cluster: String,
     pub headers: Vec<(String, String)>,
     pub body: Option<Vec<u8>>,
@@ -90,7 +115,7 @@ pub struct Job {
 #[derive(Default)]
 struct Queue {
     jobs: Vec<Job>,
-    in_flight: HashMap<u64, (Arc<Inbox>, u32)>,
+    in_flight: HashMap<u64, TokenFetch>,
 }
 
 /// A filter configuration's way to the main thread.
@@ -100,6 +125,8 @@ pub struct MainThread {
     /// Its scheduler onto the main thread (0 once destroyed).
     scheduler: Mutex<usize>,
     queue: Mutex<Queue>,
+    /// Where the answers go, for every worker.
+    pub inbox: Inbox,
 }
 
 fn missing_clusters() -> &'static Mutex<HashSet<String>> {
@@ -123,21 +150,23 @@ impl MainThread {
             envoy: config as usize,
             scheduler: Mutex::new(abi::config_scheduler_new(config) as usize),
             queue: Mutex::new(Queue::default()),
+            inbox: Inbox::default(),
         }
     }
 
     /// From a worker thread: queues a fetch and wakes the main thread.
     /// False when the configuration is gone.
     pub fn send(&self, job: Job) -> bool {
+        let scheduler = self.scheduler.lock().unwrap_or_else(|e| e.into_inner());
+        if *scheduler == 0 {
+            return false;
+        }
         self.queue
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .jobs
             .push(job);
-        let scheduler = self.scheduler.lock().unwrap_or_else(|e| e.into_inner());
-        if *scheduler == 0 {
-            return false;
-        }
+        self.inbox.expected.fetch_add(1, Ordering::AcqRel);
         abi::config_scheduler_commit(*scheduler as ConfigSchedulerPtr, 0);
         true
     }
@@ -160,7 +189,7 @@ impl MainThread {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .in_flight
-                        .insert(envoy_id, (job.inbox, job.id));
+                        .insert(envoy_id, job.fetch);
                 }
                 Err(code) => {
                     if code == abi::CALLOUT_CLUSTER_NOT_FOUND {
@@ -176,8 +205,8 @@ impl MainThread {
                             .unwrap_or_else(|e| e.into_inner())
                             .insert(job.cluster.clone());
                     }
-                    job.inbox.deliver(
-                        job.id,
+                    self.inbox.deliver(
+                        job.fetch,
                         CalloutResponse {
                             status: None,
                             body: Vec::new(),
@@ -196,14 +225,14 @@ impl MainThread {
             .unwrap_or_else(|e| e.into_inner())
             .in_flight
             .remove(&envoy_id);
-        let Some((inbox, id)) = entry else {
+        let Some(fetch) = entry else {
             return;
         };
         body.truncate(MAX_TOKEN_RESPONSE_BYTES);
         if status.is_none() {
             body.clear();
         }
-        inbox.deliver(id, CalloutResponse { status, body });
+        self.inbox.deliver(fetch, CalloutResponse { status, body });
     }
 
     /// On the main thread, in `config_destroy`.

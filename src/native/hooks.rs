@@ -93,9 +93,10 @@ impl Filter {
         } else if self.vm.wants_timed_tick().is_some() {
             vm::arm_timer(&self.vm, self.scheduler());
         }
-        if self.vm.root_in_flight.get() > 0 {
-            // Woken when the main thread has the worker's answer.
-            self.vm.inbox.set_waker(self.scheduler());
+        let inbox = &self.vm.config.main.inbox;
+        if inbox.wants_waker(self.vm.key) {
+            // Woken when the main thread has a token answer.
+            inbox.set_waker(self.vm.key, self.scheduler());
         }
     }
 
@@ -473,7 +474,12 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter_ptr: *const
         }
         let scheduler = filter.scheduler.replace(std::ptr::null_mut());
         if !scheduler.is_null() {
-            filter.vm.inbox.forget_waker(scheduler);
+            filter
+                .vm
+                .config
+                .main
+                .inbox
+                .forget_waker(filter.vm.key, scheduler);
             timer::forget(scheduler);
             abi::scheduler_delete(scheduler);
         }

@@ -11,11 +11,12 @@
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::abi::{self, Body, FilterPtr, HeaderMap, LogLevel, Move};
-use super::callouts::{self, Inbox, Job, MainThread};
+use super::callouts::{self, Job, MainThread};
 use super::metrics::{self, Stat, WorkerStats, FAMILIES};
 use super::{shared, timer};
 use crate::config::Config;
@@ -81,10 +82,8 @@ pub struct Vm {
     /// The stream whose chain callback (headers, body, trailers) is running
     /// (0: none).
     pub in_chain: Cell<u32>,
-    /// Answers to the worker's own callouts, from the main thread.
-    pub inbox: Arc<Inbox>,
-    /// The worker's own callouts not answered yet.
-    pub root_in_flight: Cell<u32>,
+    /// Tells the workers' VMs apart (the token inbox's wakers).
+    pub key: u64,
 }
 
 thread_local! {
@@ -115,8 +114,7 @@ pub fn vm_for(config: &Arc<FilterConfig>, filter: FilterPtr) -> Rc<Vm> {
         }),
         broken: Cell::new(false),
         in_chain: Cell::new(0),
-        inbox: Arc::new(Inbox::default()),
-        root_in_flight: Cell::new(0),
+        key: next_vm_key(),
     });
     VMS.with(|vms| vms.borrow_mut().insert(config.id, Rc::clone(&vm)));
     match Config::from_json(&config.json, &|name| std::env::var(name).ok()) {
@@ -136,6 +134,11 @@ pub fn vm_for(config: &Arc<FilterConfig>, filter: FilterPtr) -> Rc<Vm> {
         }
     }
     vm
+}
+
+fn next_vm_key() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 fn hash_of(value: &impl std::hash::Hash) -> u64 {
@@ -222,22 +225,20 @@ impl Vm {
         }
     }
 
-    /// Hands the worker the answers to its callouts that came, carried by
-    /// the stream `carrier`.
+    /// Hands the worker the token answers that came (to a fetch of any
+    /// worker: see `callouts`), carried by the stream `carrier`.
     pub fn receive(&self, carrier_id: u32, carrier: FilterPtr) {
-        let answers = self.inbox.take();
-        if answers.is_empty() {
-            return;
-        }
         let Some(worker) = self.worker() else {
             return;
         };
-        for (id, mut response) in answers {
+        let answers = self.config.main.inbox.take();
+        if answers.is_empty() {
+            return;
+        }
+        for (fetch, mut response) in answers {
             response.body.truncate(worker.callout_body_limit());
-            self.root_in_flight
-                .set(self.root_in_flight.get().saturating_sub(1));
             let mut host = NativeHost::root(self, carrier_id, carrier);
-            let chores = worker.on_callout_response(&mut host, id, &response);
+            let chores = worker.on_token_answer(&mut host, fetch, &response);
             self.carry_out(chores);
         }
         worker.schedule_tick(&mut NativeHost::root(self, carrier_id, carrier));
@@ -389,13 +390,16 @@ impl Host for NativeHost<'_> {
             id
         };
         if self.owner == Owner::Root {
-            // The worker's own: from the main thread (see `callouts`).
+            // The worker's own, a token fetch: from the main thread, its
+            // answer to whichever worker takes it first (see `callouts`).
+            let Some(fetch) = callout.token_for else {
+                return Err(CalloutError::NoHost); // the root sends nothing else
+            };
             if callouts::known_missing(callout.cluster) {
                 return Err(CalloutError::UnknownCluster);
             }
             let job = Job {
-                inbox: Arc::clone(&self.vm.inbox),
-                id,
+                fetch,
                 cluster: callout.cluster.to_string(),
                 headers: callout
                     .headers
@@ -408,9 +412,6 @@ impl Host for NativeHost<'_> {
             if !self.vm.config.main.send(job) {
                 return Err(CalloutError::NoHost);
             }
-            self.vm
-                .root_in_flight
-                .set(self.vm.root_in_flight.get().saturating_add(1));
             return Ok(id);
         }
         if self.carrier.is_null() {

@@ -19,7 +19,9 @@ use super::{parse_token_response, Settled, TokenState, Wait, Waiter, Waiters};
 use crate::config::Config;
 use crate::errors::ApiError;
 use crate::gateway::HeaderEdit;
-use crate::host_api::{log, Callout, CalloutError, CalloutResponse, Host, Level, Write};
+use crate::host_api::{
+    log, Callout, CalloutError, CalloutResponse, Host, Level, TokenFetch, Write,
+};
 use crate::secret::Secret;
 use crate::stats::{Metric, Metrics};
 
@@ -45,10 +47,12 @@ struct Local {
     cas: u32,
 }
 
+/// A fetch this VM sent, by the host's callout id (the native module's
+/// answers come by `TokenFetch` alone).
 struct InFlight {
+    #[cfg_attr(all(feature = "native", not(target_arch = "wasm32")), allow(dead_code))]
     callout: u32,
-    credential: usize,
-    sent_at: u64,
+    fetch: TokenFetch,
 }
 
 pub struct Tokens {
@@ -177,18 +181,33 @@ impl Tokens {
         self.settle(host, now)
     }
 
-    /// Root: an identity endpoint answered.
+    /// Root: an identity endpoint answered a fetch this VM sent.
+    #[cfg_attr(all(feature = "native", not(target_arch = "wasm32")), allow(dead_code))]
     pub fn on_response(
         &mut self,
         host: &mut dyn Host,
         callout: u32,
         response: &CalloutResponse,
     ) -> Vec<Settlement> {
-        let now = host.now_ms();
         let Some(position) = self.in_flight.iter().position(|f| f.callout == callout) else {
             return Vec::new();
         };
-        let fetch = self.in_flight.swap_remove(position);
+        let fetch = self.in_flight.swap_remove(position).fetch;
+        self.on_answer(host, fetch, response)
+    }
+
+    /// Root: the answer to a token fetch, whichever VM of the filter sent it
+    /// (the shared state carries the result to every VM; see
+    /// `Callout::token_for`).
+    pub fn on_answer(
+        &mut self,
+        host: &mut dyn Host,
+        fetch: TokenFetch,
+        response: &CalloutResponse,
+    ) -> Vec<Settlement> {
+        let now = host.now_ms();
+        // This VM's own record of it, if it sent it.
+        self.in_flight.retain(|f| f.fetch != fetch);
         let Some(credential) = self.config.credential(fetch.credential) else {
             return Vec::new();
         };
@@ -201,7 +220,7 @@ impl Tokens {
                     Some(state.with_token(
                         token.access_token.clone(),
                         lifetime,
-                        fetch.sent_at,
+                        fetch.sent_at_ms,
                         jitter,
                     ))
                 });
@@ -259,11 +278,19 @@ impl Tokens {
         ];
         headers.extend(request.headers.iter().copied());
         let body = request.body.as_ref().map(|b| b.expose().as_bytes());
+        let fetch = TokenFetch {
+            credential: index,
+            sent_at_ms: now,
+        };
+        // The lease was free (or expired): any earlier fetch of this VM for
+        // the credential is over, answered to another VM or never.
+        self.in_flight.retain(|f| f.fetch.credential != index);
         let sent = host.http_call(&Callout {
             cluster: &credential.cluster,
             headers: &headers,
             body,
             timeout_ms: timeout,
+            token_for: Some(fetch),
         });
         self.metrics.add(host, Metric::TokenFetches, 1);
         match sent {
@@ -276,11 +303,7 @@ impl Tokens {
                         credential.label, credential.cluster
                     ),
                 );
-                self.in_flight.push(InFlight {
-                    callout,
-                    credential: index,
-                    sent_at: now,
-                });
+                self.in_flight.push(InFlight { callout, fetch });
             }
             Err(error) => {
                 self.metrics.add(host, Metric::TokenFetchFailures, 1);
@@ -555,6 +578,51 @@ mod tests {
         b.tick();
         assert!(b.host.callouts.is_empty());
         assert_eq!(world.stat("azure_openai_filter.token_fetches"), 1);
+    }
+
+    #[test]
+    fn an_answer_is_applied_by_whichever_vm_takes_it() {
+        // The native module hands an answer to any worker with a stream
+        // open: the one that sent the fetch may carry no traffic any more.
+        let world = World::new(1_000_000);
+        let config = config(10_000);
+        let mut a = Vm::new(&world, &config, 1);
+        let mut b = Vm::new(&world, &config, 2);
+        a.tick();
+        let sent = a.host.callouts[0].clone();
+        let fetch = sent.token_for.expect("a token fetch says what it is for");
+        assert_eq!(
+            fetch,
+            TokenFetch {
+                credential: 0,
+                sent_at_ms: 1_000_000
+            }
+        );
+        a.tokens.hold(&mut a.host, 9, 0, Vec::new());
+        world.advance(300);
+        let response = CalloutResponse {
+            status: Some(200),
+            body: token_json("tok-1", 100).into_bytes(),
+        };
+        assert!(b.tokens.on_answer(&mut b.host, fetch, &response).is_empty());
+        assert!(b.host.logged("token for upstream `west` obtained"));
+        assert_eq!(ready(b.lookup()).as_deref(), Some("tok-1"));
+        // The sender's waiting request resumes at its next tick.
+        world.advance(20);
+        assert!(matches!(
+            a.tick().as_slice(),
+            [Settlement::Resume { context_id: 9, .. }]
+        ));
+        // The lifetime counts from the sending: refreshed by 60 s after it.
+        world.advance(60_000 - 320);
+        a.tick();
+        assert_eq!(a.host.callouts.len(), 2, "the refresh");
+        // The sender's record of the first fetch went with the new one: the
+        // first answer, were it to come by its callout id, changes nothing.
+        assert_eq!(a.tokens.in_flight.len(), 1);
+        a.answer(sent.id, Some(200), &token_json("tok-stale", 100));
+        assert_eq!(ready(a.lookup()).as_deref(), Some("tok-1"));
+        assert_eq!(world.stat("azure_openai_filter.token_fetches"), 2);
     }
 
     #[test]

@@ -707,7 +707,18 @@ class RateLimitService:
         lines = self.record.read_text().splitlines()
         return [json.loads(line) for line in lines if line.endswith("}")]
 
-    def clear(self):
+    def clear(self, quiet=0.3, timeout=3.0):
+        """Forgets what was recorded, once nothing new has come for `quiet`
+        seconds: Envoy sends a stream's end-of-stream charge after its
+        caller has the answer, so an earlier test's last charges can still
+        be on their way."""
+        deadline = time.monotonic() + timeout
+        count, since = len(self.requests()), time.monotonic()
+        while time.monotonic() - since < quiet and time.monotonic() < deadline:
+            time.sleep(0.02)
+            now = len(self.requests())
+            if now != count:
+                count, since = now, time.monotonic()
         self.record.write_text("")
 
     def wait_for(self, predicate, timeout=10.0):

@@ -283,6 +283,51 @@ def test_failed_refresh_keeps_the_current_token_until_it_expires(envoy_factory, 
         assert request.at < issued + 4.0
 
 
+def test_a_refresh_reaches_every_worker_when_its_sender_goes_quiet(envoy_factory, upstream, identity):
+    """The refresh leaves from the worker carrying the traffic; from then on
+    only the other worker does. The new token still reaches it at once, with
+    no second fetch (in Wasm the sender's root takes the answer; the native
+    module hands it to whichever worker has a stream open)."""
+    # 6 s tokens: refreshed 3.0-3.6 s in, usable 5.4 s. Each answer takes
+    # 0.3 s, so the refresh's comes when its sender has no stream open.
+    endpoint = identity(lifetime=6, delay=0.3)
+    config = bootstrap([wasm_filter(entra_config(upstream, endpoint), env_keys=["AZURE_CLIENT_SECRET"])],
+                       [cluster("azure_west", upstream.port), cluster("entra", endpoint.port)])
+    # One connection per worker: each new connection goes to the worker
+    # with the fewest.
+    listener = config["static_resources"]["listeners"][0]
+    listener["enable_reuse_port"] = False
+    listener["connection_balance_config"] = {"exact_balance": {}}
+    envoy = envoy_factory(config, env={"AZURE_CLIENT_SECRET": CLIENT_SECRET}).start()
+
+    def send(client):
+        response = client.post(envoy.url + "/v1/chat/completions", json=CHAT,
+                               headers={"authorization": f"Bearer {TEAM_A_KEY}"})
+        assert response.status_code == 200, response.text
+        return bearer_of(upstream.received[-1])
+
+    with httpx.Client(timeout=10) as busy, httpx.Client(timeout=10) as quiet_then_busy:
+        assert send(busy) == "tok-1"
+        assert send(quiet_then_busy) == "tok-1"
+        issued = endpoint.issued["tok-1"]
+        workers = envoy.stats("listener.127.0.0.1_")
+        active = sorted(int(v) for k, v in workers.items()
+                        if ".worker_" in k and k.endswith(".downstream_cx_active"))
+        assert active == [1, 1], workers
+        # Traffic on the first connection's worker until it has refreshed...
+        while "tok-2" not in endpoint.issued:
+            assert time.monotonic() < issued + 4.5, "no refresh"
+            send(busy)
+            time.sleep(0.05)
+        # ...then on the other worker's alone: it uses the new token while
+        # the old one is still good (else it would go on with tok-1, then
+        # wait for the first fetch's lease to end and fetch one itself).
+        while send(quiet_then_busy) != "tok-2":
+            assert time.monotonic() < issued + 5.0, "the other worker never got tok-2"
+            time.sleep(0.05)
+    assert endpoint.tokens_issued() == 2
+
+
 def test_caller_disconnecting_while_held_leaves_nothing(envoy_factory, upstream, identity):
     # The token takes 4 s (longer than the six callers' 0.3 s each, with
     # room for a slow machine).
