@@ -235,6 +235,11 @@ impl MainThread {
         self.inbox.deliver(fetch, CalloutResponse { status, body });
     }
 
+    /// Whether Envoy destroyed the configuration (`shutdown` ran).
+    pub fn is_shut_down(&self) -> bool {
+        *self.scheduler.lock().unwrap_or_else(|e| e.into_inner()) == 0
+    }
+
     /// On the main thread, in `config_destroy`.
     pub fn shutdown(&self) {
         let mut scheduler = self.scheduler.lock().unwrap_or_else(|e| e.into_inner());

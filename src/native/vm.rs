@@ -116,7 +116,25 @@ pub fn vm_for(config: &Arc<FilterConfig>, filter: FilterPtr) -> Rc<Vm> {
         in_chain: Cell::new(0),
         key: next_vm_key(),
     });
-    VMS.with(|vms| vms.borrow_mut().insert(config.id, Rc::clone(&vm)));
+    let released = VMS.with(|vms| {
+        let mut vms = vms.borrow_mut();
+        // A new configuration on this thread (a reload, usually): forget the
+        // VMs of those Envoy destroyed. Envoy destroys one only after its
+        // last stream, so none of theirs is left on this worker.
+        let before = vms.len();
+        vms.retain(|_, vm| !vm.config.main.is_shut_down());
+        let released = before - vms.len();
+        vms.insert(config.id, Rc::clone(&vm));
+        released
+    });
+    if released > 0 {
+        abi::log(
+            LogLevel::Debug,
+            &format!(
+                "azure-openai-filter: worker state of {released} replaced configuration(s) released"
+            ),
+        );
+    }
     match Config::from_json(&config.json, &|name| std::env::var(name).ok()) {
         Ok(parsed) => {
             let mut host = NativeHost::root(&vm, 0, filter);
@@ -150,9 +168,9 @@ fn hash_of(value: &impl std::hash::Hash) -> u64 {
 
 /// Forgets this thread's VM of a configuration Envoy destroyed.
 pub fn drop_vm(config_id: u64) {
-    // Called from the main thread: only its own map can be reached; worker
-    // maps keep their VM until the thread ends (a reloaded configuration
-    // gets a new id, so it never meets an old VM).
+    // Called from the main thread: only its own map can be reached; a
+    // worker forgets its VM when its next new configuration arrives
+    // (`vm_for`).
     VMS.with(|vms| vms.borrow_mut().remove(&config_id));
 }
 

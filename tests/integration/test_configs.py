@@ -15,7 +15,7 @@ import openai
 import pytest
 import yaml
 from conftest import gateway_config
-from harness import (ACCESS_LOG_FORMAT, NATIVE_MODULE, ROOT, STATS_TAGS, WASM, Envoy,
+from harness import (ACCESS_LOG_FORMAT, NATIVE, NATIVE_MODULE, ROOT, STATS_TAGS, WASM, Envoy,
                      assert_openai_error, bootstrap, cluster, local_reply_config, validate,
                      wasm_filter)
 
@@ -448,3 +448,69 @@ def test_pools_example_serves_and_steps_around_unreachable_targets(envoy_factory
     assert "gpt-4o" in error["message"]
     assert int(response.headers["retry-after"]) >= 1
     assert "panicked" not in envoy.log()
+
+
+def test_a_reloaded_configuration_takes_over_on_every_worker(envoy_factory, west, east, tmp_path):
+    """The listener comes from a watched LDS file, as a control plane would
+    push it. Each replacement carries a new filter configuration (here the
+    deployment behind `gpt-4o-mini`); every request from then on uses it,
+    with no restart, no error and nothing left of the old one in what the
+    upstream receives. (The native module also lets the worker state of
+    destroyed ones go at a newer one's first stream on each worker.)"""
+    from conftest import TEAM_A_KEY, WEST_KEY
+
+    def generation(deployment):
+        config = gateway_config(west.port, east.port)
+        config["models"]["gpt-4o-mini"]["deployment"] = deployment
+        boot = bootstrap([wasm_filter(config, env_keys=["AZURE_WEST_KEY"])],
+                         [cluster("azure_west", west.port), cluster("azure_east", east.port)])
+        listener = boot["static_resources"].pop("listeners")[0]
+        listener["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
+        return boot, {"resources": [listener]}
+
+    watched = tmp_path / "lds"
+    watched.mkdir()
+    lds = watched / "listeners.json"
+
+    def publish(resources):
+        # A rename into the watched directory: Envoy never reads half a file.
+        staged = tmp_path / "staged.json"
+        staged.write_text(json.dumps(resources))
+        os.rename(staged, lds)
+
+    boot, resources = generation("mini-1")
+    publish(resources)
+    boot["node"] = {"id": "gateway-1", "cluster": "gateway"}  # xDS needs them
+    boot["dynamic_resources"] = {"lds_config": {
+        "resource_api_version": "V3",
+        "path_config_source": {"path": str(lds), "watched_directory": {"path": str(watched)}}}}
+    envoy = envoy_factory(boot, env={"AZURE_WEST_KEY": WEST_KEY})
+    # A replaced filter chain is destroyed once drained: in 1 s, not 600.
+    envoy.args += ["--drain-time-s", "1"]
+    envoy.start()
+
+    def deployment_used():
+        response = httpx.post(envoy.url + "/v1/chat/completions", timeout=10,
+                              headers={"authorization": f"Bearer {TEAM_A_KEY}"},
+                              json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]})
+        assert response.status_code == 200, response.text
+        return east.received[-1].path.split("/")[3]
+
+    assert deployment_used() == "mini-1"
+    for n in range(2, 6):
+        publish(generation(f"mini-{n}")[1])
+        deadline = time.monotonic() + 15
+        while (used := deployment_used()) != f"mini-{n}":
+            assert used == f"mini-{n - 1}", used
+            assert time.monotonic() < deadline, f"generation {n} never took over"
+            time.sleep(0.05)
+        # Every worker (new connections land on either) has the new one.
+        assert {deployment_used() for _ in range(12)} == {f"mini-{n}"}
+        time.sleep(1.2)  # the previous generation drained and destroyed
+    stats = envoy.stats("listener_manager.lds")
+    assert int(stats["listener_manager.lds.update_success"]) >= 5, stats
+    assert int(stats.get("listener_manager.lds.update_rejected", 0)) == 0, stats
+    log = envoy.log()
+    assert "panicked" not in log and "critical" not in log.lower(), log[-3000:]
+    if NATIVE:
+        assert "replaced configuration(s) released" in log
