@@ -246,13 +246,13 @@ impl Vm {
     /// Hands the worker the token answers that came (to a fetch of any
     /// worker: see `callouts`), carried by the stream `carrier`.
     pub fn receive(&self, carrier_id: u32, carrier: FilterPtr) {
-        let Some(worker) = self.worker() else {
-            return;
-        };
         let answers = self.config.main.inbox.take();
         if answers.is_empty() {
             return;
         }
+        let Some(worker) = self.worker() else {
+            return; // a configuration this worker refused: no tokens to keep
+        };
         for (fetch, mut response) in answers {
             response.body.truncate(worker.callout_body_limit());
             let mut host = NativeHost::root(self, carrier_id, carrier);
