@@ -8,6 +8,7 @@ API, and every process is stopped by the fixture that started it.
 import hashlib
 import json
 import os
+import re
 import select
 import shutil
 import socket
@@ -743,3 +744,15 @@ class RateLimitService:
         if self.process and self.process.stdout:
             self.process.stdout.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def scrape(envoy):
+    """/stats/prometheus as {(name, frozenset(labels)): value} for the filter's series."""
+    out = {}
+    text = httpx.get(envoy.admin + "/stats/prometheus", timeout=5).text
+    for line in text.splitlines():
+        match = re.match(r'^(azure_openai_[a-z_]+)\{(.*)\} (\S+)$', line)
+        if match:
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+            out[(match.group(1), labels)] = float(match.group(3))
+    return out

@@ -4,10 +4,8 @@ loaded into a real Envoy 1.40 and sent requests through the filter to an
 Azure stand-in over TLS with SNI and certificate checks."""
 
 import json
-import re
 import ssl
 import subprocess
-import sys
 import threading
 import time
 
@@ -15,7 +13,7 @@ import httpx
 import pytest
 import yaml
 from harness import (ENVOY, METRIC_LABELS, ROOT, STATS_TAGS, WASM, Envoy, RecordingUpstream, Reply,
-                     assert_openai_error, cel_filter, local_reply_config, sha256_hex)
+                     assert_openai_error, cel_filter, local_reply_config, scrape, sha256_hex)
 from test_envoy_replies import assert_envoy_error, raw_exchange
 
 import mesh
@@ -295,18 +293,6 @@ def test_manifest_reply_mappers_are_the_examples(kind):
         assert mappers[1] == {"filter": cel_filter(SIDECAR_GUARD)}
         mappers = mappers[:1] + mappers[2:]
     assert mappers == expected
-
-
-def scrape(envoy):
-    """/stats/prometheus as {(name, frozenset(labels)): value} for the filter's series."""
-    out = {}
-    text = httpx.get(envoy.admin + "/stats/prometheus", timeout=5).text
-    for line in text.splitlines():
-        match = re.match(r'^(azure_openai_[a-z_]+)\{(.*)\} (\S+)$', line)
-        if match:
-            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
-            out[(match.group(1), labels)] = float(match.group(3))
-    return out
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -4,7 +4,6 @@ labels from the configuration only, through a real Envoy with recording
 upstreams that answer like Azure."""
 
 import json
-import re
 import shutil
 import tempfile
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from harness import (Envoy, RecordingUpstream, Reply, bootstrap, cluster, sha256_hex,
+from harness import (Envoy, RecordingUpstream, Reply, bootstrap, cluster, scrape, sha256_hex,
                      wasm_filter)
 
 TEAM_KEY = "sk-usage-team-0001"
@@ -139,18 +138,6 @@ def gateway(upstreams):
     yield envoy
     envoy.cleanup()
     shutil.rmtree(log_dir, ignore_errors=True)
-
-
-def scrape(gateway):
-    """/stats/prometheus as {(name, frozenset(labels)): value} for the filter's series."""
-    out = {}
-    text = httpx.get(gateway.admin + "/stats/prometheus", timeout=5).text
-    for line in text.splitlines():
-        match = re.match(r'^(azure_openai_[a-z_]+)\{(.*)\} (\S+)$', line)
-        if match:
-            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
-            out[(match.group(1), labels)] = float(match.group(3))
-    return out
 
 
 def series(gateway, name, **labels):
